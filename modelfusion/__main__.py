@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/10_main.ipynb #72a46ca6
+# %% ../nbs/10_main.ipynb #d4e8634a
 from .cli import main
 
 if __name__ == '__main__' and __package__ == 'modelfusion': raise SystemExit(main())
