@@ -43,7 +43,8 @@ def demo(args) -> int:
     print(f"\nGit Re-Basin weight matching, MLP {'x'.join(map(str, args.widths))} on {r['params']['data']['source']}")
     print(format_table(r['table']))
     print(f"prediction ensemble: test loss {m['ensemble_test']['loss']:.4f}, accuracy {100*m['ensemble_test']['acc']:.2f}%")
-    print(f"weight matching: {m['match']['sweeps']} sweeps in {m['match_time_s']:.2f} s")
+    w = m['matches']['weight']
+    print(f"weight matching: {w['sweeps']} sweeps, {w['solves']} assignment solves, {w['wall_time_s']:.2f} s")
     print(f"wrote {r['out']}/: params.json metrics.json curves.csv interpolation.png  ({m['wall_time_s']:.1f} s)")
     return 0
 

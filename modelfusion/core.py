@@ -180,6 +180,7 @@ def atomic_path(path: str|Path, # the final file
     try:
         yield Path(tmp)
         with open(tmp, 'rb+') as f: os.fsync(f.fileno())
+        umask = os.umask(0); os.umask(umask); os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp): os.remove(tmp)

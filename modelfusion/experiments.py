@@ -6,6 +6,7 @@
 from __future__ import annotations
 import time, json, warnings
 from pathlib import Path
+from dataclasses import asdict
 import pandas as pd
 import torch
 from .core import *
@@ -13,14 +14,120 @@ from .data import *
 from .models import *
 from .training import *
 from .spec import *
+from .trace import *
 from .matching import *
 from .merging import *
+import modelfusion.merging as merging
 from .evaluation import *
 
 # %% auto #0
-__all__ = ['run_rebasin_mlp', 'format_table']
+__all__ = ['run_alignment', 'run_rebasin_mlp', 'format_table']
 
 # %% ../nbs/08_experiments.ipynb #31384c68
+def _matcher_kwargs(name: str, template, data: Data, n: int, seed: int) -> dict:
+    "Data arguments for the matchers that take them."
+    import inspect
+    ps = MATCHERS[name].params(); kw = {}
+    if 'template' in ps: kw['template'] = template
+    if 'x' in ps: kw['x'] = data.x_train[:n]
+    if 'y' in ps: kw['y'] = data.y_train[:n]
+    if 'seed' in ps: kw['seed'] = seed
+    if 'device' in ps: kw['device'] = data.x_train.device
+    return kw
+
+def run_alignment(model: str='mlp', # registered model name
+                  model_kw: dict|None=None, # its arguments, e.g. {'widths': [512, 512, 512]} or {'width': 2, 'norm': 'ln'}
+                  dataset: str='mnist', # data set name
+                  train_kw: dict|None=None, # TrainConfig fields, e.g. {'epochs': 10, 'lr': 1e-3}
+                  seeds: list[int]=(0, 1), # seeds of model A and model B
+                  matchers: list[str]=('weight',), # names in MATCHERS
+                  matcher_kw: dict|None=None, # per matcher: extra parameters, e.g. {'ste': {'epochs': 2}}
+                  repair: bool=False, # also evaluate each matched path after REPAIR
+                  n_lams: int=25, # points on the λ grid
+                  repair_lams: int=5, # points on the λ grid of the REPAIR curves
+                  calib_samples: int=5000, # training samples for data-driven matchers and REPAIR
+                  eval_samples: int|None=10000, # samples per split for the curves (None: all)
+                  out: str|Path='runs/alignment', # run folder (created)
+                  root: str|Path|None=None, # data folder (else $MODELFUSION_DATA)
+                  allow_sample: bool=True, # for mnist: use the embedded sample when no data folder is configured
+                  device: str|None=None, # None: CUDA when available
+                  cache: bool|str=True, # model cache (True: default folder)
+                  verbose: bool|None=None, # progress bars and messages
+                 ) -> dict:
+    "Train two models, align them with each matcher, compare naive / matched (/ REPAIRed) paths; write the run folder."
+    t0 = time.time(); out = ensure_dir(out)
+    if len(seeds) != 2 or seeds[0] == seeds[1]: raise ValueError(f"need two different seeds, got {list(seeds)}")
+    for m in matchers: MATCHERS[m]  # unknown names fail before any work
+    say = print if verbose is not False else (lambda *a, **k: None)
+    dev = get_device(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        data = load_dataset(dataset, root=root, allow_sample=allow_sample, device=dev)
+    for w in caught: say(f"note: {w.message}")
+    tcfg = TrainConfig(**(train_kw or {}))
+    mcfg = model_config(model, data, **(model_kw or {}))
+    params = {'experiment': 'alignment', 'model': mcfg, 'dataset': dataset, 'data': {'name': data.name, 'source': data.source,
+              'n_train': len(data.x_train), 'n_test': len(data.x_test)}, 'train': asdict(tcfg), 'seeds': list(seeds),
+              'matchers': list(matchers), 'matcher_kw': matcher_kw or {}, 'repair': repair, 'n_lams': n_lams,
+              'repair_lams': repair_lams, 'calib_samples': calib_samples, 'eval_samples': eval_samples,
+              'device': str(dev), 'versions': versions()}
+    write_json(out/'params.json', params)
+    say(f"data: {data}")
+    models = [train(mcfg, data, tcfg, seed=s, cache=cache, device=dev, verbose=verbose) for s in seeds]
+    for s, m in zip(seeds, models):
+        say(f"model seed {s}: {'from cache' if m.from_cache else 'trained'} ({m.meta['metrics']['train_time_s']:.1f} s), "
+            f"test accuracy {100*m.meta['metrics']['test_acc']:.2f}%")
+    A, B = ({k: v.to(dev) for k, v in m.state_dict.items()} for m in models)
+    template = build_model(mcfg).to(dev)
+    spec = spec_for(template)
+    curves, matches = {'naive': interpolation_curve(template, A, B, data, n_lams, max_samples=eval_samples)}, {}
+    calib = data.x_train[:calib_samples]
+    for name in matchers:
+        t1 = time.time()
+        res = MATCHERS(name, [A, B], spec, **{**_matcher_kwargs(name, template, data, calib_samples, seeds[0]), **(matcher_kw or {}).get(name, {})})
+        info = {k: v for k, v in res.info.items() if k != 'losses'}; info['wall_time_s'] = time.time() - t1
+        matches[name] = info
+        Bp = apply(B, spec, res.alignments[1])
+        curves[f'{name} matching'] = interpolation_curve(template, A, Bp, data, n_lams, max_samples=eval_samples)
+        say(f"{name} matching: {info['wall_time_s']:.2f} s")
+        if repair:
+            rows = []
+            for lam in lambdas(repair_lams):
+                sd = sd_lerp(A, Bp, lam)
+                if 0 < lam < 1: sd = merging.repair(template, spec, A, Bp, sd, calib, lam)  # the flag shadows the function
+                for s in ('train', 'test'):
+                    x, y = data.split(s)
+                    if eval_samples: x, y = x[:eval_samples], y[:eval_samples]
+                    rows.append({'lam': lam, 'split': s, **evaluate(template, sd, x, y)})
+            curves[f'{name} + REPAIR'] = pd.DataFrame(rows)
+    ens = ensemble_eval(template, [A, B], *data.split('test'))
+    mid = lambda c: c.loc[(c.lam - 0.5).abs().idxmin(), 'lam']
+    rows = []
+    def row(name, c, lam):
+        r = c[c.lam == lam].set_index('split')
+        rows.append({'model': name, 'train loss': r.loss['train'], 'test loss': r.loss['test'],
+                     'train acc': r.acc['train'], 'test acc': r.acc['test'],
+                     'test loss barrier': barrier(c, 'loss', 'test') if 0 < lam < 1 else None,
+                     'train loss barrier': barrier(c, 'loss', 'train') if 0 < lam < 1 else None})
+    row(f'model A (seed {seeds[0]})', curves['naive'], 0.0); row(f'model B (seed {seeds[1]})', curves['naive'], 1.0)
+    for k, c in curves.items(): row(k.replace(' matching', ' matched') + ' midpoint', c, mid(c))
+    table = pd.DataFrame(rows).set_index('model')
+    barriers = {p: {f'{s}_{m}_barrier': barrier(c, m, s) for s in ('train', 'test') for m in ('loss', 'acc')} for p, c in curves.items()}
+    endpoint_acc = (table['test acc'].iloc[0] + table['test acc'].iloc[1]) / 2
+    metrics = {'table': table.reset_index().to_dict('records'), 'barriers': barriers, 'ensemble_test': ens,
+               'endpoints_mean_test_acc': endpoint_acc, 'matches': matches,
+               'midpoint_test_acc': {p: float(c[(c.lam == mid(c)) & (c.split == 'test')].acc.iloc[0]) for p, c in curves.items()},
+               'models': [m.meta['metrics'] for m in models]}
+    pd.concat([c.assign(path=k) for k, c in curves.items()]).to_csv(out/'curves.csv', index=False)
+    desc = f"{model} {model_kw or ''} on {data.source}".replace('{', '').replace('}', '').replace("'", '')
+    fig = plot_interpolation(curves, title=desc)
+    with atomic_path(out/'interpolation.png') as tmp: fig.savefig(tmp, dpi=110, format='png')
+    import matplotlib.pyplot as plt; plt.close(fig)
+    metrics['wall_time_s'] = time.time() - t0
+    write_json(out/'metrics.json', metrics)
+    return {'table': table, 'curves': curves, 'metrics': metrics, 'params': params, 'out': out, 'spec': spec}
+
+# %% ../nbs/08_experiments.ipynb #0609f988
 def run_rebasin_mlp(dataset: str='mnist', # data set name (mnist, fashion_mnist, mnist_sample, digits, ...)
                     widths: list[int]=(512, 512, 512), # hidden widths of the MLP
                     epochs: int=10, # training epochs per model
@@ -35,64 +142,18 @@ def run_rebasin_mlp(dataset: str='mnist', # data set name (mnist, fashion_mnist,
                     device: str|None=None, # None: CUDA when available
                     cache: bool|str=True, # model cache (True: default folder)
                     verbose: bool|None=None, # progress bars and messages
+                    matchers: list[str]=('weight',), # matchers to compare
+                    repair: bool=False, # also REPAIR each matched path
                    ) -> dict:
     "Train two MLPs, weight-match them, compare naive and matched interpolation; write the run folder."
-    t0 = time.time(); out = ensure_dir(out)
-    if len(seeds) != 2 or seeds[0] == seeds[1]: raise ValueError(f"need two different seeds, got {list(seeds)}")
-    say = print if verbose is not False else (lambda *a, **k: None)
-    dev = get_device(device)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter('always')
-        data = load_dataset(dataset, root=root, allow_sample=allow_sample, device=dev)
-    for w in caught: say(f"note: {w.message}")
-    params = {'experiment': 'rebasin_mlp', 'dataset': dataset, 'data': {'name': data.name, 'source': data.source,
-              'n_train': len(data.x_train), 'n_test': len(data.x_test)}, 'widths': list(widths), 'epochs': epochs,
-              'seeds': list(seeds), 'lr': lr, 'batch_size': batch_size, 'n_lams': n_lams, 'eval_samples': eval_samples,
-              'device': str(dev), 'versions': versions()}
-    write_json(out/'params.json', params)
-    say(f"data: {data}")
-    mcfg = model_config('mlp', data, widths=list(widths))
-    tcfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer='adam', schedule='cosine')
-    models = [train(mcfg, data, tcfg, seed=s, cache=cache, device=dev, verbose=verbose) for s in seeds]
-    for s, m in zip(seeds, models):
-        say(f"model seed {s}: {'from cache' if m.from_cache else 'trained'} ({m.meta['metrics']['train_time_s']:.1f} s), "
-            f"test accuracy {100*m.meta['metrics']['test_acc']:.2f}%")
-    A, B = (m.state_dict for m in models)
-    template = build_model(mcfg).to(dev)
-    spec = spec_for(template)
-    t1 = time.time(); match = weight_matching([A, B], spec)
-    match_time = time.time() - t1
-    Bp = apply(B, spec, match.alignments[1])
-    curves = {'naive': interpolation_curve(template, A, B, data, n_lams, max_samples=eval_samples),
-              'weight matching': interpolation_curve(template, A, Bp, data, n_lams, max_samples=eval_samples)}
-    ens = ensemble_eval(template, [A, B], *data.split('test'))
-    rows = []
-    def row(name, c, lam):
-        r = c[c.lam.sub(lam).abs() < 1e-9].set_index('split')
-        rows.append({'model': name, 'train loss': r.loss['train'], 'test loss': r.loss['test'],
-                     'train acc': r.acc['train'], 'test acc': r.acc['test']})
-    mid = min(lambdas(n_lams), key=lambda l: abs(l - 0.5))
-    row(f'model A (seed {seeds[0]})', curves['naive'], 0.0); row(f'model B (seed {seeds[1]})', curves['naive'], 1.0)
-    row('naive midpoint', curves['naive'], mid); row('matched midpoint', curves['weight matching'], mid)
-    table = pd.DataFrame(rows).set_index('model')
-    barriers = {p: {f'{s}_{m}_barrier': barrier(c, m, s) for s in ('train', 'test') for m in ('loss', 'acc')} for p, c in curves.items()}
-    table['test loss barrier'] = [None, None, barriers['naive']['test_loss_barrier'], barriers['weight matching']['test_loss_barrier']]
-    table['train loss barrier'] = [None, None, barriers['naive']['train_loss_barrier'], barriers['weight matching']['train_loss_barrier']]
-    endpoint_acc = (table['test acc'].iloc[0] + table['test acc'].iloc[1]) / 2
-    metrics = {'table': table.reset_index().to_dict('records'), 'barriers': barriers, 'ensemble_test': ens,
-               'endpoints_mean_test_acc': endpoint_acc, 'matched_midpoint_test_acc': table['test acc'].iloc[3],
-               'matched_midpoint_gap_points': 100 * (endpoint_acc - table['test acc'].iloc[3]),
-               'match': {k: v for k, v in match.info.items()}, 'match_time_s': match_time,
-               'models': [m.meta['metrics'] for m in models], 'wall_time_s': time.time() - t0}
-    pd.concat([c.assign(path=k) for k, c in curves.items()]).to_csv(out/'curves.csv', index=False)
-    fig = plot_interpolation(curves, title=f"MLP {'x'.join(map(str, widths))} on {data.source}")
-    with atomic_path(out/'interpolation.png') as tmp: fig.savefig(tmp, dpi=110, format='png')
-    import matplotlib.pyplot as plt; plt.close(fig)
-    metrics['wall_time_s'] = time.time() - t0
-    write_json(out/'metrics.json', metrics)
-    return {'table': table, 'curves': curves, 'metrics': metrics, 'params': params, 'out': out, 'match': match}
+    r = run_alignment('mlp', {'widths': list(widths)}, dataset, {'epochs': epochs, 'lr': lr, 'batch_size': batch_size},
+                      seeds, matchers, None, repair, n_lams, 5, 5000, eval_samples, out, root, allow_sample, device, cache, verbose)
+    m = r['metrics']; mid = m['midpoint_test_acc'][f'{matchers[0]} matching']
+    m.update(matched_midpoint_test_acc=mid, matched_midpoint_gap_points=100 * (m['endpoints_mean_test_acc'] - mid))
+    write_json(Path(out)/'metrics.json', m)
+    return r
 
-# %% ../nbs/08_experiments.ipynb #0609f988
+# %% ../nbs/08_experiments.ipynb #c5406805
 def format_table(table: pd.DataFrame) -> str:
     "The re-basin table as aligned text: losses to 4 decimals, accuracies in percent."
     t = table.copy()

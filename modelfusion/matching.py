@@ -12,9 +12,11 @@ from torch import Tensor
 from scipy.optimize import linear_sum_assignment
 from .core import *
 from .spec import *
+from .data import TensorLoader
 
 # %% auto #0
-__all__ = ['MATCHERS', 'MatchResult', 'apply_perm_axis', 'wm_objective', 'weight_matching']
+__all__ = ['MATCHERS', 'MatchResult', 'apply_perm_axis', 'wm_objective', 'weight_matching', 'activation_stats',
+           'activation_matching', 'ste_matching', 'sinkhorn', 'sinkhorn_matching']
 
 # %% ../nbs/05_matching.ipynb #15033a14
 @dataclass
@@ -33,12 +35,6 @@ def _mat(w: Tensor, a: Axis, n: int) -> Tensor:
 
 def _is_stat(param: str) -> bool: return param.endswith(('running_mean', 'running_var', 'num_batches_tracked'))
 
-def _permuted_except(w: Tensor, axes: list[tuple[str, Axis]], skip: str, perms: dict[str, Tensor]) -> Tensor:
-    "Apply the current permutations of every group touching `w`, except group `skip`."
-    for g, a in axes:
-        if g != skip: w = apply_perm_axis(w, a, perms[g])
-    return w
-
 def apply_perm_axis(w: Tensor, a: Axis, perm: Tensor) -> Tensor:
     "Permute one axis of `w` by an index vector (respecting blocks and offsets)."
     if a.block > 1: perm = (perm[:, None] * a.block + torch.arange(a.block, device=perm.device)).reshape(-1)
@@ -52,7 +48,12 @@ def wm_objective(sd_a: StateDict, sd_b: StateDict, spec: Spec, alignment: Alignm
     b = apply(sd_b, spec, alignment)
     return float(sum((sd_a[p].double() * b[p].double()).sum() for p in spec.by_param() if not _is_stat(p)))
 
-# %% ../nbs/05_matching.ipynb #68e7407b
+# %% ../nbs/05_matching.ipynb #03a213a0
+def _permute_all(w: Tensor, axes: list[tuple[str, Axis]], perms: dict[str, Tensor]) -> Tensor:
+    "Apply the current permutation of every group touching `w`."
+    for g, a in axes: w = apply_perm_axis(w, a, perms[g])
+    return w
+
 @MATCHERS.register('weight', paper='https://arxiv.org/abs/2209.04836')
 def weight_matching(sds: list[StateDict], # [reference model A, model B]: B is permuted onto A
                     spec: Spec, # the architecture's spec
@@ -67,33 +68,207 @@ def weight_matching(sds: list[StateDict], # [reference model A, model B]: B is p
     check_compatible(sds, ['model A', 'model B'])
     spec.check(sds[0], 'model A')
     dev = get_device(device)
-    A = {k: v.to(dev, torch.float32) for k, v in sds[0].items()}
-    B = {k: v.to(dev, torch.float32) for k, v in sds[1].items()}
-    by_param = spec.by_param()
+    by_param = {p: axs for p, axs in spec.by_param().items() if not _is_stat(p)}
+    A = {p: sds[0][p].to(dev, torch.float32) for p in by_param}
+    B = {p: sds[1][p].to(dev, torch.float32) for p in by_param}
     sizes = {n: g.size for n, g in spec.groups.items()}
     perms = {n: torch.arange(s, device=dev) for n, s in sizes.items()}
     for n, t in (init or {}).items():
         if n not in perms or not t.is_perm or t.shape[1] != sizes[n]: raise ValueError(f"init for group '{n}' is not a permutation of size {sizes.get(n)}")
         perms[n] = t.merge.to(dev)
+    axes = {n: [a for a in g.axes if a.param in by_param] for n, g in spec.groups.items()}
+    Amat = {(n, i): _mat(A[a.param], a, sizes[n]) for n in axes for i, a in enumerate(axes[n])}
+    Bcur = {p: _permute_all(B[p], by_param[p], perms) for p in by_param}
+    neighbours = {n: {g for a in axes[n] for g, _ in by_param[a.param]} - {n} for n in axes}
     rng = np.random.default_rng(seed); names = list(spec.groups)
-    history, solves, t0 = [], 0, time.time()
-    for sweep in range(max_sweeps):
-        improved = False
+    dirty, sweeps, solves, t0 = set(names), 0, 0, time.time()
+    while dirty and sweeps < max_sweeps:
+        sweeps += 1
         for gi in rng.permutation(len(names)):
-            g = spec.groups[names[gi]]; n = g.size
-            C = torch.zeros(n, n, device=dev)
-            for a in g.axes:
-                if _is_stat(a.param): continue
-                wb = _permuted_except(B[a.param], by_param[a.param], g.name, perms)
-                C += _mat(A[a.param], a, n) @ _mat(wb, a, n).T
+            n = names[gi]
+            if n not in dirty: continue
+            dirty.discard(n); k = sizes[n]
+            C = torch.zeros(k, k, device=dev)
+            for i, a in enumerate(axes[n]): C += Amat[(n, i)] @ _mat(Bcur[a.param], a, k).T
             C = C.double().cpu().numpy()
-            _, col = linear_sum_assignment(C, maximize=True); solves += 1
-            old = C[np.arange(n), perms[g.name].cpu().numpy()].sum(); new = C[np.arange(n), col].sum()
+            cur = perms[n].cpu().numpy()
+            Cj = np.empty_like(C); Cj[:, cur] = C  # columns by B's own unit index (Bcur holds B permuted by `cur`)
+            _, col = linear_sum_assignment(Cj, maximize=True); solves += 1
+            old = Cj[np.arange(k), cur].sum(); new = Cj[np.arange(k), col].sum()
             if new > old + tol * max(1.0, abs(old)):
-                perms[g.name] = torch.as_tensor(col, device=dev); improved = True
-        history.append(sweep)
-        if not improved: break
+                perms[n] = torch.as_tensor(col, device=dev)
+                for a in axes[n]: Bcur[a.param] = _permute_all(B[a.param], by_param[a.param], perms)
+                dirty |= neighbours[n]
     al = {n: Transform.perm(p.cpu()) for n, p in perms.items()}
-    info = {'sweeps': len(history), 'solves': solves, 'time_s': time.time() - t0,
+    info = {'sweeps': sweeps, 'solves': solves, 'time_s': time.time() - t0, 'converged': not dirty,
             'objective': wm_objective(sds[0], sds[1], spec, al), 'objective_identity': wm_objective(sds[0], sds[1], spec, {})}
     return MatchResult([{}, al], info)
+
+# %% ../nbs/05_matching.ipynb #a6cd7e46
+def _reader(template: torch.nn.Module, g: Group) -> tuple[str, Axis]:
+    "The module that reads group `g` (first 'in' axis on a weight) and that axis."
+    for a in g.axes:
+        if a.role == 'in' and a.param.endswith('weight'): return a.param.rsplit('.', 1)[0], a
+    raise SpecError(f"group '{g.name}' is never read by a layer's weight, so activation matching cannot observe it")
+
+def _features(inp: Tensor, mod: torch.nn.Module, a: Axis, n: int) -> Tensor:
+    "The group's features from a reader's input, as (samples, n)."
+    x = inp.reshape(-1, inp.shape[-1]) if isinstance(mod, torch.nn.Linear) else inp.movedim(1, -1).reshape(-1, inp.shape[1])
+    s = a.span(n); x = x[:, s]
+    return x.reshape(-1, n, a.block).transpose(1, 2).reshape(-1, n) if a.block > 1 else x
+
+@torch.no_grad()
+def activation_stats(template: torch.nn.Module, # the architecture
+                     sds: list[StateDict], # two models
+                     spec: Spec, # its spec
+                     x: Tensor, # inputs on the device where statistics are computed
+                     batch_size: int=500, # samples per forward pass
+                    ) -> dict[str, dict[str, Tensor]]:
+    "Per group: means, stds and the cross-covariance of model 0's and model 1's features."
+    import copy
+    models = []
+    for sd in sds:
+        m = copy.deepcopy(template).to(x.device); m.load_state_dict(sd); models.append(m.eval())
+    readers = {n: _reader(template, g) for n, g in spec.groups.items()}
+    acc = {n: None for n in spec.groups}
+    def run(m):
+        got, hooks = {}, []
+        for n, (mod, a) in readers.items():
+            sub = m.get_submodule(mod)
+            hooks.append(sub.register_forward_pre_hook(lambda s, inp, n=n, a=a, sub=sub: got.__setitem__(n, _features(inp[0], sub, a, spec.groups[n].size).double())))
+        try:
+            m(xb)
+        finally:
+            for h in hooks: h.remove()
+        return got
+    for i in range(0, len(x), batch_size):
+        xb = x[i:i + batch_size]; fa, fb = run(models[0]), run(models[1])
+        for n in spec.groups:
+            a, b = fa[n], fb[n]
+            upd = {'sa': a.sum(0), 'sb': b.sum(0), 'qa': (a * a).sum(0), 'qb': (b * b).sum(0), 'ab': a.T @ b, 'n': torch.tensor(float(len(a)), device=a.device, dtype=torch.float64)}
+            acc[n] = upd if acc[n] is None else {k: acc[n][k] + v for k, v in upd.items()}
+    out = {}
+    for n, s in acc.items():
+        N = s['n']; ma, mb = s['sa'] / N, s['sb'] / N
+        out[n] = {'mean_a': ma, 'mean_b': mb, 'std_a': (s['qa'] / N - ma ** 2).clamp_min(0).sqrt(),
+                  'std_b': (s['qb'] / N - mb ** 2).clamp_min(0).sqrt(), 'cov': s['ab'] / N - ma[:, None] * mb[None], 'dot': s['ab'] / N}
+    return out
+
+@MATCHERS.register('activation', paper='https://arxiv.org/abs/2209.04836')
+def activation_matching(sds: list[StateDict], # [reference model A, model B]
+                        spec: Spec, # the architecture's spec
+                        template: torch.nn.Module|None=None, # a module of the architecture (required)
+                        x: Tensor|None=None, # inputs to compute activations on (required), e.g. 5,000 training samples
+                        stat: str='corr', # 'corr' (cross-correlation), 'cov' or 'dot' (E[a b])
+                        batch_size: int=500, # samples per forward pass
+                        eps: float=1e-8, # added to the stds of the correlation
+                       ) -> MatchResult:
+    "Git Re-Basin activation matching: per group, the permutation of B's units maximising the correlation with A's."
+    if template is None or x is None:
+        raise ValueError("activation matching needs data: pass template=<a module of the architecture> and x=<input batch>")
+    if stat not in ('corr', 'cov', 'dot'): raise UnknownName(f"unknown statistic '{stat}'; known: corr, cov, dot")
+    if len(sds) != 2: raise ValueError(f"activation matching aligns 2 models, got {len(sds)}")
+    check_compatible(sds, ['model A', 'model B']); spec.check(sds[0], 'model A')
+    t0 = time.time(); st = activation_stats(template, sds, spec, x, batch_size); al = {}
+    for n, s in st.items():
+        C = s['dot'] if stat == 'dot' else s['cov']
+        if stat == 'corr': C = C / (s['std_a'][:, None] * s['std_b'][None] + eps)
+        _, col = linear_sum_assignment(C.cpu().numpy(), maximize=True)
+        al[n] = Transform.perm(torch.as_tensor(col))
+    return MatchResult([{}, al], {'time_s': time.time() - t0, 'stat': stat, 'samples': len(x)})
+
+# %% ../nbs/05_matching.ipynb #f224dc94
+def _midpoint_loss(template, sd_a, sd_b, xb, yb, lam=0.5):
+    sd = {k: (1 - lam) * sd_a[k] + lam * sd_b[k] if sd_a[k].is_floating_point() else sd_a[k] for k in sd_a}
+    return torch.nn.functional.cross_entropy(torch.func.functional_call(template, sd, (xb,)), yb)
+
+@MATCHERS.register('ste', paper='https://arxiv.org/abs/2209.04836')
+def ste_matching(sds: list[StateDict], # [reference model A, model B]
+                 spec: Spec, # the architecture's spec
+                 template: torch.nn.Module|None=None, # a module of the architecture (required)
+                 x: Tensor|None=None, y: Tensor|None=None, # training inputs and labels (required)
+                 epochs: int=1, # passes over (x, y)
+                 batch_size: int=500, # samples per step
+                 lr: float=1e-3, # Adam learning rate of the proxy
+                 seed: int=0, # data order and weight-matching seeds
+                 device: str|None='cpu', # where to optimise
+                ) -> MatchResult:
+    "Git Re-Basin straight-through estimator: learn θ̃, project it by weight matching, minimise the midpoint loss."
+    if template is None or x is None or y is None:
+        raise ValueError("STE matching needs data: pass template=<a module>, x=<inputs> and y=<labels>")
+    check_compatible(sds, ['model A', 'model B'])
+    dev = get_device(device); tmpl = template.to(dev).eval()
+    A = {k: v.to(dev) for k, v in sds[0].items()}; B = {k: v.to(dev) for k, v in sds[1].items()}
+    trainable = [k for k, v in A.items() if v.is_floating_point() and not _is_stat(k)]
+    proxy = {k: A[k].clone().float().requires_grad_(True) for k in trainable}
+    opt = torch.optim.Adam(proxy.values(), lr=lr)
+    loader = TensorLoader(x.to(dev), y.to(dev), batch_size, shuffle=True, seed=seed)
+    perm = weight_matching([sds[0], sds[1]], spec, seed=seed).alignments[1]  # θ̃ = θ_A at the start
+    best, losses, t0 = (float('inf'), perm), [], time.time()
+    for _ in range(epochs):
+        for xb, yb in loader:
+            cur = {k: v.detach().cpu() for k, v in proxy.items()}
+            perm = weight_matching([{**{k: sds[0][k] for k in sds[0]}, **cur}, sds[1]], spec, seed=seed, init=perm).alignments[1]
+            Bp = apply(B, spec, {g: Transform(t.merge.to(dev)) for g, t in perm.items()})
+            ste = {k: (proxy[k] + (Bp[k] - proxy[k]).detach()) if k in proxy else Bp[k] for k in B}
+            loss = _midpoint_loss(tmpl, A, ste, xb, yb)
+            opt.zero_grad(); loss.backward(); opt.step()
+            losses.append(loss.item())
+            if losses[-1] < best[0]: best = (losses[-1], perm)
+    return MatchResult([{}, best[1]], {'time_s': time.time() - t0, 'steps': len(losses), 'losses': losses, 'best_loss': best[0]})
+
+# %% ../nbs/05_matching.ipynb #8f278ae1
+def sinkhorn(logits: Tensor, # (n, n) scores
+             n_iter: int=20, # row/column normalisations
+            ) -> Tensor:
+    "A doubly-stochastic matrix from scores, by Sinkhorn iterations in the log domain."
+    z = logits
+    for _ in range(n_iter):
+        z = z - torch.logsumexp(z, 1, keepdim=True)
+        z = z - torch.logsumexp(z, 0, keepdim=True)
+    return z.exp()
+
+@MATCHERS.register('sinkhorn', paper='https://arxiv.org/abs/2212.12042')
+def sinkhorn_matching(sds: list[StateDict], # [reference model A, model B]
+                      spec: Spec, # the architecture's spec
+                      template: torch.nn.Module|None=None, # a module (required unless loss='distance')
+                      x: Tensor|None=None, y: Tensor|None=None, # training data (required unless loss='distance')
+                      loss: str='midpoint', # 'midpoint', 'random' (λ ~ U(0,1)) or 'distance'
+                      epochs: int=1, # passes over the data (or steps/50 for 'distance')
+                      batch_size: int=500, # samples per step
+                      lr: float=0.1, # Adam learning rate of the logits
+                      tau: float=1.0, # temperature of the relaxation
+                      init_scale: float=5.0, # logits start at init_scale * (weight-matching permutation)
+                      n_iter: int=20, # Sinkhorn iterations per step
+                      seed: int=0, # data order, λ samples
+                      device: str|None='cpu', # where to optimise
+                     ) -> MatchResult:
+    "Sinkhorn re-basin: learn soft permutations on a loss, then harden them by linear assignment."
+    if loss not in ('midpoint', 'random', 'distance'): raise UnknownName(f"unknown loss '{loss}'; known: distance, midpoint, random")
+    if loss != 'distance' and (template is None or x is None or y is None):
+        raise ValueError(f"Sinkhorn matching with loss='{loss}' needs data: pass template=, x= and y= (or use loss='distance')")
+    check_compatible(sds, ['model A', 'model B'])
+    dev = get_device(device); g = torch.Generator().manual_seed(seed)
+    A = {k: v.to(dev).float() if v.is_floating_point() else v.to(dev) for k, v in sds[0].items()}
+    B = {k: v.to(dev).float() if v.is_floating_point() else v.to(dev) for k, v in sds[1].items()}
+    wm = weight_matching(sds, spec, seed=seed).alignments[1]
+    Z = {n: (init_scale * Transform.perm(wm[n].merge).matrices()[0]).to(dev).requires_grad_(True) for n in spec.groups}
+    opt = torch.optim.Adam(Z.values(), lr=lr)
+    if loss == 'distance': batches = [(None, None)] * (50 * epochs)
+    else: batches = [b for _ in range(epochs) for b in TensorLoader(x.to(dev), y.to(dev), batch_size, seed=seed)]
+    tmpl = template.to(dev).eval() if template is not None else None
+    params = [k for k in A if A[k].is_floating_point() and not _is_stat(k)]
+    losses, t0 = [], time.time()
+    for xb, yb in batches:
+        P = {n: sinkhorn(z / tau, n_iter) for n, z in Z.items()}
+        Bs = apply(B, spec, {n: Transform(p, p.T) for n, p in P.items()})
+        if loss == 'distance': L = sum(((A[k] - Bs[k]) ** 2).sum() for k in params)
+        else:
+            lam = float(torch.rand((), generator=g)) if loss == 'random' else 0.5
+            L = _midpoint_loss(tmpl, A, Bs, xb, yb, lam)
+        opt.zero_grad(); L.backward(); opt.step(); losses.append(L.item())
+    al = {}
+    for n, z in Z.items():
+        _, col = linear_sum_assignment(sinkhorn(z.detach() / tau, n_iter).cpu().double().numpy(), maximize=True)
+        al[n] = Transform.perm(torch.as_tensor(col))
+    return MatchResult([{}, al], {'time_s': time.time() - t0, 'steps': len(losses), 'losses': losses, 'loss': loss})

@@ -11,7 +11,7 @@ from .spec import *
 from .matching import *
 
 # %% auto #0
-__all__ = ['MERGES', 'weighted_average', 'interpolate', 'align', 'align_and_merge', 'reset_bn_stats']
+__all__ = ['MERGES', 'weighted_average', 'interpolate', 'align', 'align_and_merge', 'reset_bn_stats', 'repair_points', 'repair']
 
 # %% ../nbs/06_merging.ipynb #8d799b3a
 MERGES = Registry('merge')
@@ -73,3 +73,96 @@ def reset_bn_stats(template: nn.Module, # a module of the architecture (its own 
     model.train()
     for i in range(0, len(x), batch_size): model(x[i:i + batch_size])
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+# %% ../nbs/06_merging.ipynb #009266dd
+_NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+
+def repair_points(template: nn.Module, # the architecture
+                  spec: Spec, # its spec (says which outputs are hidden feature spaces)
+                 ) -> list[str]:
+    "Module names whose outputs REPAIR corrects: each hidden Conv/Linear, or the norm right after it."
+    import torch.fx as fx
+    try: gm = fx.symbolic_trace(template)
+    except Exception as e:
+        raise SpecError(f"REPAIR needs to trace {type(template).__name__} with torch.fx, which failed: {e}") from None
+    hidden = {a.param for g in spec.groups.values() for a in g.axes if a.role == 'out' and a.dim == 0}
+    mods = dict(template.named_modules()); points = []
+    for n in gm.graph.nodes:
+        if n.op != 'call_module' or not isinstance(mods[n.target], (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)): continue
+        if f'{n.target}.weight' not in hidden: continue
+        users = list(n.users)
+        nxt = users[0] if len(users) == 1 and users[0].op == 'call_module' and isinstance(mods[users[0].target], _NORM_TYPES) else None
+        points.append(nxt.target if nxt is not None else n.target)
+    return points
+
+def _channel_stats(y: Tensor) -> tuple[Tensor, Tensor, int]:
+    "Per-channel sum and sum of squares (channels on dim 1, or last for 2-D), and the count."
+    y = (y.movedim(1, -1) if y.ndim > 2 else y).reshape(-1, y.shape[1] if y.ndim > 2 else y.shape[-1]).double()
+    return y.sum(0), (y * y).sum(0), len(y)
+
+def _bcast(v: Tensor, y: Tensor) -> Tensor: return v.view(1, -1, *([1] * (y.ndim - 2))) if y.ndim > 2 else v
+
+@torch.no_grad()
+def _point_stats(template: nn.Module, sd: StateDict, points: list[str], x: Tensor, batch_size: int) -> dict[str, tuple[Tensor, Tensor]]:
+    "Per-channel mean and std at each point of the model `sd` in eval mode."
+    import copy
+    m = copy.deepcopy(template).to(x.device); m.load_state_dict(sd); m.eval()
+    acc, hooks = {}, []
+    for p in points:
+        def hook(mod, inp, out, p=p):
+            s, q, n = _channel_stats(out); a = acc.setdefault(p, [0, 0, 0]); a[0] += s; a[1] += q; a[2] += n
+        hooks.append(m.get_submodule(p).register_forward_hook(hook))
+    try:
+        for i in range(0, len(x), batch_size): m(x[i:i + batch_size])
+    finally:
+        for h in hooks: h.remove()
+    return {p: (s / n, (q / n - (s / n) ** 2).clamp_min(0).sqrt()) for p, (s, q, n) in acc.items()}
+
+# %% ../nbs/06_merging.ipynb #12c218df
+@torch.no_grad()
+def repair(template: nn.Module, # the architecture (its own weights are not used)
+           spec: Spec, # its spec
+           sd_a: StateDict, sd_b: StateDict, # the endpoints, B already aligned to A
+           sd_merged: StateDict, # the merged model, e.g. interpolate([sd_a, sd_b], lam)
+           x: Tensor, # calibration inputs (a few thousand training samples)
+           lam: float=0.5, # the interpolation coefficient of the merge
+           batch_size: int=500, # samples per forward pass
+           eps: float=1e-5, # added to the merged model's std
+          ) -> StateDict:
+    "REPAIR: rescale the merged model's channels to the interpolated endpoint statistics, fused into its weights."
+    import copy
+    check_compatible([sd_a, sd_b, sd_merged], ['model A', 'model B', 'the merged model'])
+    points = repair_points(template, spec)
+    sa, sb = _point_stats(template, sd_a, points, x, batch_size), _point_stats(template, sd_b, points, x, batch_size)
+    target = {p: ((1 - lam) * sa[p][0] + lam * sb[p][0], (1 - lam) * sa[p][1] + lam * sb[p][1]) for p in points}
+    m = copy.deepcopy(template).to(x.device); m.load_state_dict(sd_merged); m.eval()
+    bns = [b for b in m.modules() if isinstance(b, nn.modules.batchnorm._BatchNorm)]
+    for b in bns: b.reset_running_stats(); b.momentum = None; b.train()  # re-estimated in the same pass
+    acc, hooks = {}, []
+    for p in points:
+        def hook(mod, inp, out, p=p):  # correct with batch statistics, accumulate the uncorrected ones
+            s, q, n = _channel_stats(out); a = acc.setdefault(p, [0, 0, 0]); a[0] += s; a[1] += q; a[2] += n
+            y = out.double(); dims = [0] + list(range(2, y.ndim))
+            mu, sd = y.mean(dims), y.std(dims, unbiased=False)
+            mt, st = target[p]
+            return ((y - _bcast(mu, y)) / _bcast(sd + eps, y) * _bcast(st, y) + _bcast(mt, y)).to(out.dtype)
+        hooks.append(m.get_submodule(p).register_forward_hook(hook))
+    try:
+        for i in range(0, len(x), batch_size): m(x[i:i + batch_size])
+    finally:
+        for h in hooks: h.remove()
+    for b in bns: b.eval()
+    # fuse y -> (y - mu_m) * s + mu_t into the point's own affine parameters, with the statistics of the
+    # calibration pass (each measured with all earlier layers already corrected)
+    out = {k: v.detach().clone() for k, v in m.state_dict().items()}
+    for p in points:
+        sm, qm, n = acc[p]; mu_m = sm / n; sd_m = (qm / n - mu_m ** 2).clamp_min(0).sqrt(); mu_t, sd_t = target[p]
+        s = (sd_t / (sd_m + eps))
+        w = f'{p}.weight'; b = f'{p}.bias'
+        if b not in out:
+            raise SpecError(f"REPAIR cannot fuse into '{p}': it has no bias (or affine norm) to absorb the shift")
+        shape = [-1] + [1] * (out[w].ndim - 1)
+        out[w] = (out[w].double() * s.view(shape)).to(out[w].dtype)
+        out[b] = ((out[b].double() - mu_m) * s + mu_t).to(out[b].dtype)
+    check_finite(out, 'the repaired model')
+    return out

@@ -12,8 +12,7 @@ from .core import *
 from .models import MLP
 
 # %% auto #0
-__all__ = ['Alignment', 'SpecError', 'Axis', 'Group', 'Spec', 'mlp_spec', 'Transform', 'apply', 'random_alignment', 'verify_spec',
-           'spec_for']
+__all__ = ['Alignment', 'SpecError', 'Axis', 'Group', 'Spec', 'mlp_spec', 'Transform', 'apply', 'random_alignment', 'verify_spec']
 
 # %% ../nbs/04_spec.ipynb #6fde6bb7
 class SpecError(ModelFusionError, ValueError):
@@ -50,14 +49,15 @@ class Spec:
     def check(self, sd: StateDict, # a state dict the spec should describe
               name: str='model') -> None:
         "Raise `SpecError` unless every axis of the spec exists in `sd` with the group's size."
-        bp = self.by_param()
         for g in self.groups.values():
+            seen = set()
             for a in g.axes:
+                if (a.param, a.dim, a.offset) in seen: raise SpecError(f"group '{g.name}' lists '{a.param}' dim {a.dim} twice")
+                seen.add((a.param, a.dim, a.offset))
                 if a.role not in ('out', 'in'): raise SpecError(f"group '{g.name}': role must be 'out' or 'in', not {a.role!r}")
                 if a.param not in sd: raise SpecError(f"group '{g.name}' names '{a.param}', which {name} does not have")
                 t = sd[a.param]
-                full = a.offset == 0 and all(o.offset == 0 for _, o in bp[a.param] if o.dim == a.dim)
-                if a.dim >= t.ndim or (t.shape[a.dim] != g.size * a.block if full else t.shape[a.dim] < a.offset + g.size * a.block):
+                if a.dim >= t.ndim or (t.shape[a.dim] != g.size * a.block if a.role == 'out' else t.shape[a.dim] < a.offset + g.size * a.block):
                     raise SpecError(f"group '{g.name}' expects '{a.param}' to have size {g.size}x{a.block}"
                                     + (f" at offset {a.offset}" if a.offset else '') + f" on dim {a.dim}, "
                                     f"but {name}'s tensor has shape {tuple(t.shape)}")
@@ -182,11 +182,3 @@ def verify_spec(model: nn.Module, # the model the spec describes
                                 f"(axes: {[tuple(a) for a in spec.groups[name].axes]}). A tensor that reads or writes this space is missing or wrong.")
         raise SpecError("spec fails verification: the joint permutation of all groups changes the outputs, though each group alone does not")
     finally: model.train(was_training)
-
-# %% ../nbs/04_spec.ipynb #0eeab377
-def spec_for(model: nn.Module, # a model
-            ) -> Spec:
-    "The spec of a model: derived for `MLP`s; other architectures need a hand-written `Spec` for now."
-    if isinstance(model, MLP): return mlp_spec(model)
-    raise SpecError(f"no automatic spec for {type(model).__name__} yet: build a `Spec` by hand (see `mlp_spec` for an "
-                    "example) and pass it as spec=..., then check it with `verify_spec(model, spec, x)`")

@@ -55,7 +55,7 @@ def test_truncated_idx_file(tmp_path):
 def test_unknown_names_list_known_ones():
     with pytest.raises(UnknownName, match='known data sets: cifar10, digits, fashion_mnist, mnist, mnist_sample'): load_dataset('imagenet')
     with pytest.raises(UnknownName, match='known models: mlp, resnet20, vgg11, vgg16'): build_model({'name': 'vit'})
-    with pytest.raises(UnknownName, match='known matchers: weight'): MATCHERS['magic']
+    with pytest.raises(UnknownName, match='known matchers: activation, sinkhorn, ste, weight'): MATCHERS['magic']
     with pytest.raises(UnknownName, match='known merges: average, lerp'): MERGES['ties-ish']
     with pytest.raises(UnknownName, match='known norms'): make_norm('rms', 4, conv=False)
     with pytest.raises(UnknownName, match='known: adam, sgd'): TrainConfig(optimizer='lion')
