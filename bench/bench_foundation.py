@@ -227,7 +227,8 @@ def render(meta: dict, thr: list[dict], mat: list[dict]) -> str:
                             [[r['width'], r['models'], f"{r['wall_s']:.2f}", r['sweeps'], r['solves'],
                               f"{r['loop_s'] / max(1, r['solves']):.3f}", f"{r['objective']:.2f}", f"{r['objective_identity']:.2f}",
                               (f"capped at max_sweeps={r['max_sweeps']}, not converged" if r['capped'] else 'converged')
-                              + (f"; test acc {r['test_acc'][0]:.3f}/{r['test_acc'][1]:.3f}" if 'test_acc' in r else '')]
+                              + (f"; test acc {r['test_acc'][0]:.3f}/{r['test_acc'][1]:.3f}"
+                                 + ('' if all(r['from_cache']) else ' (trained in this run)') if 'test_acc' in r else '')]
                              for r in mat]))
         out.append('')
     return '\n'.join(out)

@@ -49,6 +49,7 @@ class Spec:
     def check(self, sd: StateDict, # a state dict the spec should describe
               name: str='model') -> None:
         "Raise `SpecError` unless every axis of the spec exists in `sd` with the group's size."
+        bp = self.by_param()
         for g in self.groups.values():
             seen = set()
             for a in g.axes:
@@ -57,7 +58,10 @@ class Spec:
                 if a.role not in ('out', 'in'): raise SpecError(f"group '{g.name}': role must be 'out' or 'in', not {a.role!r}")
                 if a.param not in sd: raise SpecError(f"group '{g.name}' names '{a.param}', which {name} does not have")
                 t = sd[a.param]
-                if a.dim >= t.ndim or (t.shape[a.dim] != g.size * a.block if a.role == 'out' else t.shape[a.dim] < a.offset + g.size * a.block):
+                # a whole dimension written by one space must match exactly; after a concatenation (or an 'in' axis
+                # beside fixed pieces) the span only has to fit
+                whole = a.role == 'out' and a.offset == 0 and all(o.offset == 0 for _, o in bp[a.param] if o.dim == a.dim)
+                if a.dim >= t.ndim or (t.shape[a.dim] != g.size * a.block if whole else t.shape[a.dim] < a.offset + g.size * a.block):
                     raise SpecError(f"group '{g.name}' expects '{a.param}' to have size {g.size}x{a.block}"
                                     + (f" at offset {a.offset}" if a.offset else '') + f" on dim {a.dim}, "
                                     f"but {name}'s tensor has shape {tuple(t.shape)}")
