@@ -95,9 +95,14 @@ def _decode(members):
         img = np.asarray(Image.open(io.BytesIO(data)).convert('RGB'), np.uint8)
         if img.shape != (32, 32, 3): raise DataNotFound(f"CIFAR-10 image of shape {img.shape}, expected 32x32 RGB")
         out[split][0].append(img.transpose(2, 0, 1)); out[split][1].append(CIFAR10_CLASSES.index(cls))
-    for s in out:
+    res = []
+    for s in ('train', 'test'):
         if not out[s][0]: raise DataNotFound(f"CIFAR-10 image folders have no '{s}' images")
-    return [np.stack(out[s][0]) if i == 0 else np.asarray(out[s][1]) for s in ('train', 'test') for i in (0, 1)]
+        # folders come grouped by class; give them a fixed random order, like the original batches, so that a prefix
+        # of the data (an evaluation subset, calibration samples) holds every class
+        x, y = np.stack(out[s][0]), np.asarray(out[s][1])
+        p = np.random.default_rng(0).permutation(len(y)); res += [x[p], y[p]]
+    return res
 
 def _split_cls(parts: list[str]):
     "(split, class) from a member path like 'x/train/cat/0001.jpg', or None."
@@ -121,7 +126,7 @@ def _cifar_folder(d: Path):
 # %% ../nbs/01_data.ipynb #c252ebc2
 def _cached_decode(src: Path, reader) -> list[np.ndarray]:
     st = src.stat()
-    key = config_hash({'path': str(src.resolve()), 'size': st.st_size, 'mtime': st.st_mtime_ns, 'v': 1})
+    key = config_hash({'path': str(src.resolve()), 'size': st.st_size, 'mtime': st.st_mtime_ns, 'v': 2})
     cdir = cache_dir('data')/f'cifar10-{key}'
     names = ['xtr', 'ytr', 'xte', 'yte']
     if all((cdir/f'{n}.npy').exists() for n in names):

@@ -27,6 +27,7 @@ def test_cifar10_from_the_archive_without_unpacking():
     assert d.x_train.shape == (50000, 3, 32, 32) and d.x_test.shape == (10000, 3, 32, 32)
     assert torch.bincount(d.y_train).tolist() == [5000] * 10 and torch.bincount(d.y_test).tolist() == [1000] * 10
     assert d.augment == 'crop_flip' and 'CIFAR-10' in d.source
+    assert len(d.y_train[:1000].unique()) == 10 and len(d.y_test[:500].unique()) == 10  # a prefix holds every class
     if 'jpeg75' in d.source.lower() or 'jpg' in d.source.lower(): assert 'JPEG' in d.source
 
 def test_cifar10_original_pickled_batches(tmp_path):
