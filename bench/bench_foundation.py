@@ -66,6 +66,25 @@ def loadavg() -> list[float] | None:
     except OSError: return None
 
 
+def _proc_stat_busy() -> float | None:
+    "Seconds of CPU time all processes on the machine have used since boot (from /proc/stat), or None off Linux."
+    try:
+        f = [int(v) for v in Path('/proc/stat').read_text().split('\n', 1)[0].split()[1:]]
+        return (sum(f[:8]) - f[3] - f[4]) / os.sysconf('SC_CLK_TCK')  # everything but idle and iowait (guest is in user)
+    except (OSError, ValueError, IndexError): return None
+
+
+class OtherLoad:
+    "Measures, over a `with` block, the share of the machine's CPU capacity used by *other* processes."
+    def __enter__(self):
+        self.b0, self.t0, self.w0 = _proc_stat_busy(), os.times(), time.perf_counter(); return self
+    def __exit__(self, *exc):
+        b1, t1, w1 = _proc_stat_busy(), os.times(), time.perf_counter()
+        if self.b0 is None or b1 is None: self.frac = None; return
+        ours = (t1.user - self.t0.user) + (t1.system - self.t0.system)
+        self.frac = max(0.0, ((b1 - self.b0) - ours) / ((os.cpu_count() or 1) * max(w1 - self.w0, 1e-9)))
+
+
 def sync(dev: torch.device) -> None:
     if dev.type == 'cuda': torch.cuda.synchronize(dev)
 
@@ -129,18 +148,23 @@ def bench_throughput(data: Data, widths: list[int], base: int, bs: int, repeats:
         run_fit(data, w, nw, bs, dev, amp); run_peer(data, w, nw, bs, dev, amp)
         fits, peers = [], []
         for r in range(repeats):  # alternate, so slow drift of the machine hits both
-            fits.append(run_fit(data, w, n, bs, dev, amp)); peers.append(run_peer(data, w, n, bs, dev, amp))
+            for fn, acc in ((run_fit, fits), (run_peer, peers)):
+                with OtherLoad() as ol: res = fn(data, w, n, bs, dev, amp)
+                acc.append({**res, 'other_load': ol.frac})
         bf = max(fits, key=lambda d: d['samples_per_s']); bp = max(peers, key=lambda d: d['samples_per_s'])
+        paired = sorted(f['samples_per_s'] / p['samples_per_s'] for f, p in zip(fits, peers))
+        loads = [d['other_load'] for d in fits + peers if d['other_load'] is not None]
         row = {'width': w, 'arch': f'784-{w}-{w}-{w}-10', 'samples': n, 'batch_size': bs, 'repeats': repeats,
                'fit_samples_per_s': bf['samples_per_s'], 'peer_samples_per_s': bp['samples_per_s'],
-               'ratio': bf['samples_per_s'] / bp['samples_per_s'],
+               'ratio': bf['samples_per_s'] / bp['samples_per_s'], 'paired_ratios': paired,
+               'other_load_max': max(loads) if loads else None,
                'fit_samples_per_s_wall': max(f['samples_per_s_wall'] for f in fits),
                'fit_samples_per_s_all': [f['samples_per_s'] for f in fits],
                'peer_samples_per_s_all': [p['samples_per_s'] for p in peers],
                'fit_loss': bf['train_loss'], 'peer_loss': bp['train_loss']}
         rows.append(row)
         log(f"  throughput w={w}: n={n} fit {row['fit_samples_per_s']:.0f}/s, peer {row['peer_samples_per_s']:.0f}/s, "
-            f"ratio {row['ratio']:.2f}")
+            f"ratio {row['ratio']:.2f} (paired {', '.join(f'{x:.2f}' for x in paired)}), other load up to {_pct(row['other_load_max'])}")
     return rows
 
 
@@ -171,13 +195,14 @@ def trained_pair(data: Data, width: int, epochs: int, n_train: int, bs: int, dev
 def match_row(sd_a: dict, sd_b: dict, width: int, kind: str, max_sweeps: int, dev: torch.device, extra: dict | None = None) -> dict:
     model = MLP(784, (width,) * 3, 10); spec = mlp_spec(model)
     t0 = time.perf_counter()
-    res = weight_matching([sd_a, sd_b], spec, max_sweeps=max_sweeps, seed=0, device=str(dev))
+    with OtherLoad() as ol: res = weight_matching([sd_a, sd_b], spec, max_sweeps=max_sweeps, seed=0, device=str(dev))
     wall = time.perf_counter() - t0
     info = res.info
-    capped = info['sweeps'] >= max_sweeps
+    # newer weight_matching reports 'converged' (no group left to re-solve); else infer it from the sweep count
+    capped = not info['converged'] if 'converged' in info else info['sweeps'] >= max_sweeps
     return {'width': width, 'models': kind, 'max_sweeps': max_sweeps, 'wall_s': wall, 'loop_s': info['time_s'],
             'sweeps': info['sweeps'], 'solves': info['solves'], 'objective': info['objective'],
-            'objective_identity': info['objective_identity'], 'capped': capped, **(extra or {})}
+            'objective_identity': info['objective_identity'], 'capped': capped, 'other_load': ol.frac, **(extra or {})}
 
 
 def bench_matching(data: Data, widths: list[int], trained_widths: list[int], args, dev: torch.device, log) -> list[dict]:
@@ -202,6 +227,9 @@ def bench_matching(data: Data, widths: list[int], trained_widths: list[int], arg
 # ----------------------------------------------------------------------------------------------------------------------
 # output
 
+def _pct(x) -> str: return '?' if x is None else f"{100 * x:.0f}%"
+
+
 def md_table(header: list[str], rows: list[list]) -> str:
     lines = ['| ' + ' | '.join(header) + ' |', '|' + '|'.join('---:' if i else '---' for i in range(len(header))) + '|']
     lines += ['| ' + ' | '.join(str(c) for c in r) + ' |' for r in rows]
@@ -217,15 +245,19 @@ def render(meta: dict, thr: list[dict], mat: list[dict]) -> str:
     if thr:
         out += ['Training throughput: one epoch of Adam, batch size %d, on the first n MNIST training samples '
                 '(samples/s of the epoch loop; best of %d).' % (thr[0]['batch_size'], thr[0]['repeats']), '']
-        out.append(md_table(['model', 'n', 'fit (samples/s)', 'peer DataLoader (samples/s)', 'ratio fit/peer', 'fit end-to-end (samples/s)'],
+        out.append(md_table(['model', 'n', 'fit (samples/s)', 'peer DataLoader (samples/s)', 'ratio fit/peer',
+                             'paired ratios (min-max)', 'fit end-to-end (samples/s)', 'other processes (max CPU share)'],
                             [[r['arch'], r['samples'], f"{r['fit_samples_per_s']:,.0f}", f"{r['peer_samples_per_s']:,.0f}",
-                              f"{r['ratio']:.2f}", f"{r['fit_samples_per_s_wall']:,.0f}"] for r in thr]))
+                              f"{r['ratio']:.2f}", f"{r['paired_ratios'][0]:.2f}-{r['paired_ratios'][-1]:.2f}",
+                              f"{r['fit_samples_per_s_wall']:,.0f}", _pct(r['other_load_max'])] for r in thr]))
         out.append('')
     if mat:
         out += ['Weight matching (Git Re-Basin, coordinate descent, LSA on the CPU): MLP 784-w-w-w-10, B matched onto A.', '']
-        out.append(md_table(['width', 'models', 'wall (s)', 'sweeps', 'solves', 's/solve', 'objective', 'identity objective', 'note'],
+        out.append(md_table(['width', 'models', 'wall (s)', 'sweeps', 'solves', 's/solve', 'objective', 'identity objective',
+                             'other processes (CPU share)', 'note'],
                             [[r['width'], r['models'], f"{r['wall_s']:.2f}", r['sweeps'], r['solves'],
                               f"{r['loop_s'] / max(1, r['solves']):.3f}", f"{r['objective']:.2f}", f"{r['objective_identity']:.2f}",
+                              _pct(r['other_load']),
                               (f"capped at max_sweeps={r['max_sweeps']}, not converged" if r['capped'] else 'converged')
                               + (f"; test acc {r['test_acc'][0]:.3f}/{r['test_acc'][1]:.3f}"
                                  + ('' if all(r['from_cache']) else ' (trained in this run)') if 'test_acc' in r else '')]
@@ -262,7 +294,7 @@ def main(argv=None):
     p.add_argument('--samples', type=int, default=None,
                    help='training samples at width 512 for the throughput test, scaled by 512/width for wider models '
                         '(default: 10240 on the CPU, 2560 with --quick, 240000 on CUDA; capped at the training set)')
-    p.add_argument('--repeats', type=int, default=None, help='timed repeats per measurement, best reported (default 2; 1 with --quick)')
+    p.add_argument('--repeats', type=int, default=None, help='timed repeats per measurement, best reported (default 3; 1 with --quick)')
     p.add_argument('--amp', action='store_true', help='bf16 autocast on CUDA in both fit and the peer (default: fp32 in both)')
     p.add_argument('--max-sweeps', type=int, default=100, help='weight matching max_sweeps (the library default)')
     p.add_argument('--max-sweeps-large', type=int, default=10, help='max_sweeps for widths >= --large-width (bounds the 4096 row)')
@@ -280,7 +312,7 @@ def main(argv=None):
     widths = args.widths or ([512, 1024] if args.quick else [512, 1024, 2048, 4096])
     trained_widths = [w for w in args.trained_widths if w in widths]
     if args.samples is None: args.samples = 240000 if dev.type == 'cuda' else (2560 if args.quick else 10240)
-    if args.repeats is None: args.repeats = 1 if args.quick else 2
+    if args.repeats is None: args.repeats = 1 if args.quick else 3
     if args.train_samples is None: args.train_samples = 10000 if args.quick else 10**9
     if args.out is None: args.out = str(HERE/'results'/f"foundation_{dev.type}{'_quick' if args.quick else ''}.json")
     log = lambda s: print(s, file=sys.stderr, flush=True)

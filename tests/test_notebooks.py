@@ -6,8 +6,21 @@ from conftest import ROOT
 EXPERIMENTS = sorted((ROOT/'nbs'/'experiments').glob('*.ipynb'))
 # Tiny parameters per experiment notebook: every notebook in nbs/experiments/ must have an entry.
 SMOKE = {
-    'git_rebasin_mnist_mlp': dict(dataset='digits', widths=[32, 32], epochs=2, n_lams=3, eval_samples=300),
+    'git_rebasin_mnist_mlp': dict(dataset='digits', widths=[32, 32], epochs=2, n_lams=3, eval_samples=300, matchers=['weight', 'activation', 'ste']),
+    'repair': dict(model='mlp', model_kw={'widths': [32, 32]}, dataset='digits', train_kw={'epochs': 2, 'batch_size': 64},
+                   n_lams=3, repair_lams=3, calib_samples=500, eval_samples=300),
+    'git_rebasin_resnet20_width': dict(widths=[0.25, 0.5], dataset='digits', train_kw={'epochs': 1, 'batch_size': 64}, n_lams=3, eval_samples=200),
 }
+
+def test_profiles_name_real_parameters():
+    "Every YAML profile only sets parameters that its notebook's parameters cell defines."
+    import yaml, nbformat
+    for prof in (ROOT/'nbs'/'experiments'/'profiles').glob('*/*.yaml'):
+        nb = ROOT/'nbs'/'experiments'/f'{prof.parent.name}.ipynb'
+        assert nb.exists(), f'{prof} has no notebook {nb.name}'
+        cell = next(c for c in nbformat.read(nb, 4).cells if 'parameters' in c.metadata.get('tags', []))
+        names = {l.split('=')[0].strip() for l in cell.source.splitlines() if '=' in l}
+        assert set(yaml.safe_load(prof.read_text())) <= names, (prof, set(yaml.safe_load(prof.read_text())) - names)
 
 def _kernel():
     from jupyter_client.kernelspec import KernelSpecManager
