@@ -9,7 +9,7 @@ from pathlib import Path
 from .core import *
 
 # %% auto #0
-__all__ = ['demo', 'main']
+__all__ = ['align', 'list_names', 'demo', 'main']
 
 # %% ../nbs/09_cli.ipynb #c08a22e4
 def _parser() -> argparse.ArgumentParser:
@@ -31,20 +31,69 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument('--out', default='runs/demo', help='run folder (default: runs/demo)')
     d.add_argument('--device', default=None, help='cpu, cuda, ... (default: cuda when available)')
     d.add_argument('--no-cache', action='store_true', help='train even if the model cache has the models')
+    d.add_argument('--matchers', nargs='+', default=['weight'], help='matchers to compare (default: weight); see `modelfusion list matchers`')
+    d.add_argument('--repair', action='store_true', help='also evaluate each matched path after REPAIR')
     d.add_argument('--quiet', action='store_true', help='no progress bars')
+    a = sub.add_parser('align', help='train two models of any architecture, align them with matchers, compare paths',
+                       description='Train two models (through the cache), align B onto A with each matcher, and compare the '
+                                   'naive and matched interpolation paths (optionally after REPAIR). Writes params.json, '
+                                   'metrics.json, curves.csv and interpolation.png to --out.')
+    a.add_argument('--model', default='resnet20', help='model name (see `modelfusion list models`)')
+    a.add_argument('--model-kw', nargs='*', default=[], metavar='KEY=VALUE', help='model arguments, e.g. width=2 norm=ln')
+    a.add_argument('--dataset', default='cifar10', help='data set name (see `modelfusion list datasets`)')
+    a.add_argument('--data-root', default=None, help='data folder (default: $MODELFUSION_DATA)')
+    a.add_argument('--train-kw', nargs='*', default=[], metavar='KEY=VALUE', help='TrainConfig fields, e.g. epochs=5 optimizer=sgd lr=0.1')
+    a.add_argument('--seeds', type=int, nargs=2, default=[0, 1], help='seeds of models A and B (default: 0 1)')
+    a.add_argument('--matchers', nargs='+', default=['weight'], help='matchers (default: weight)')
+    a.add_argument('--repair', action='store_true', help='also evaluate each matched path after REPAIR')
+    a.add_argument('--lambdas', type=int, default=11, help='points on the interpolation grid (default: 11)')
+    a.add_argument('--eval-samples', type=int, default=10000, help='samples per split for the curves (default: 10000)')
+    a.add_argument('--out', default='runs/align', help='run folder (default: runs/align)')
+    a.add_argument('--device', default=None, help='cpu, cuda, ... (default: cuda when available)')
+    l = sub.add_parser('list', help='list registered names', description='List the registered data sets, models, matchers or merges.')
+    l.add_argument('what', choices=['datasets', 'models', 'matchers', 'merges'])
     return p
+
+def _kv(items: list[str]) -> dict:
+    "KEY=VALUE strings to a dict, values parsed as YAML scalars (2 -> int, ln -> 'ln', none -> None)."
+    import yaml
+    out = {}
+    for it in items:
+        if '=' not in it: raise ValueError(f"expected KEY=VALUE, got {it!r}")
+        k, v = it.split('=', 1); v = yaml.safe_load(v)
+        out[k] = None if isinstance(v, str) and v.lower() == 'none' else v
+    return out
+
+def align(args) -> int:
+    from modelfusion.experiments import run_alignment, format_table
+    r = run_alignment(args.model, _kv(args.model_kw), args.dataset, _kv(args.train_kw), args.seeds, args.matchers, None,
+                      args.repair, args.lambdas, 5, 5000, args.eval_samples, args.out, args.data_root, device=args.device)
+    print(f"\n{args.model} {_kv(args.model_kw)} on {r['params']['data']['source']}")
+    print(format_table(r['table']))
+    print(f"wrote {r['out']}/: params.json metrics.json curves.csv interpolation.png  ({r['metrics']['wall_time_s']:.1f} s)")
+    return 0
+
+def list_names(args) -> int:
+    from modelfusion.data import DATASETS
+    from modelfusion.models import MODELS
+    from modelfusion.matching import MATCHERS
+    from modelfusion.merging import MERGES
+    reg = {'datasets': DATASETS, 'models': MODELS, 'matchers': MATCHERS, 'merges': MERGES}[args.what]
+    for name in reg:
+        e = reg[name]; print(f"{name:16s} {e.summary}" + (f"  [{e.paper}]" if e.paper else ''))
+    return 0
 
 def demo(args) -> int:
     from modelfusion.experiments import run_rebasin_mlp, format_table
     r = run_rebasin_mlp(args.dataset, args.widths, args.epochs, args.seeds, args.lr, args.batch_size, args.lambdas,
                         args.eval_samples, args.out, args.data_root, allow_sample=True, device=args.device,
-                        cache=not args.no_cache, verbose=False if args.quiet else None)
+                        cache=not args.no_cache, verbose=False if args.quiet else None, matchers=args.matchers, repair=args.repair)
     m = r['metrics']
     print(f"\nGit Re-Basin weight matching, MLP {'x'.join(map(str, args.widths))} on {r['params']['data']['source']}")
     print(format_table(r['table']))
     print(f"prediction ensemble: test loss {m['ensemble_test']['loss']:.4f}, accuracy {100*m['ensemble_test']['acc']:.2f}%")
-    w = m['matches']['weight']
-    print(f"weight matching: {w['sweeps']} sweeps, {w['solves']} assignment solves, {w['wall_time_s']:.2f} s")
+    for name, w in m['matches'].items():
+        print(f"{name} matching: " + (f"{w['sweeps']} sweeps, {w['solves']} assignment solves, " if 'sweeps' in w else '') + f"{w['wall_time_s']:.2f} s")
     print(f"wrote {r['out']}/: params.json metrics.json curves.csv interpolation.png  ({m['wall_time_s']:.1f} s)")
     return 0
 
@@ -54,6 +103,8 @@ def main(argv: list[str]|None=None, # arguments (default: sys.argv[1:])
     args = _parser().parse_args(argv)
     try:
         if args.cmd == 'demo': return demo(args)
-    except ModelFusionError as e:
+        if args.cmd == 'align': return align(args)
+        if args.cmd == 'list': return list_names(args)
+    except (ModelFusionError, ValueError) as e:
         print(f"modelfusion: error: {e}", file=sys.stderr); return 2
     return 1

@@ -105,3 +105,26 @@ def test_empty_and_malformed_inputs():
     with pytest.raises(ValueError, match='weights'): weighted_average([sd(), sd(seed=1)], [1.0])
     with pytest.raises(ValueError, match='non-negative'): weighted_average([sd(), sd(seed=1)], [1.0, -2.0])
     with pytest.raises(ValueError, match='two different seeds'): run_rebasin_mlp('digits', seeds=[3, 3], out='/tmp/never-used', verbose=False)
+
+def test_matchers_that_need_data_say_so():
+    from modelfusion.matching import activation_matching, ste_matching, sinkhorn_matching
+    spec = mlp_spec(MLP(30, (16, 16), 4)); sds = [sd(), sd(seed=1)]
+    with pytest.raises(ValueError, match='activation matching needs data'): activation_matching(sds, spec)
+    with pytest.raises(ValueError, match='STE matching needs data'): ste_matching(sds, spec, template=MLP(30, (16, 16), 4))
+    with pytest.raises(ValueError, match="loss='midpoint' needs data"): sinkhorn_matching(sds, spec)
+    with pytest.raises(UnknownName, match='known: corr, cov, dot'): activation_matching(sds, spec, template=MLP(30, (16, 16), 4), x=torch.randn(8, 30), stat='mi')
+    # the data-free Sinkhorn loss needs none
+    sinkhorn_matching(sds, spec, loss='distance', epochs=1)
+
+def test_repair_rejects_mismatched_models():
+    from modelfusion.merging import repair
+    m = MLP(30, (16, 16), 4); spec = mlp_spec(m)
+    with pytest.raises(IncompatibleModels): repair(m, spec, sd(), sd((16, 8)), sd(), torch.randn(10, 30))
+    bad = sd(seed=2); bad['layers.0.bias'][0] = float('nan')
+    with pytest.raises(NonFiniteWeights): repair(m, spec, sd(), sd(seed=1), bad, torch.randn(10, 30))
+
+def test_cli_align_bad_arguments(tmp_path):
+    r = run([str(BIN/'modelfusion'), 'align', '--model', 'mlp', '--model-kw', 'widths', '--dataset', 'digits', '--out', str(tmp_path/'r')])
+    assert r.returncode == 2 and 'KEY=VALUE' in r.stderr and 'Traceback' not in r.stderr, r.stderr
+    r = run([str(BIN/'modelfusion'), 'align', '--model', 'mlp', '--dataset', 'digits', '--matchers', 'psychic', '--out', str(tmp_path/'r')])
+    assert r.returncode == 2 and 'known matchers' in r.stderr, r.stderr
