@@ -101,6 +101,7 @@ def plot_interpolation(curves: dict[str, pd.DataFrame], # label -> interpolation
         sns.lineplot(df, x='lam', y=metric, hue='path', style='split', marker='o', markersize=4, ax=ax)
         ax.set_xlabel('λ'); ax.set_ylabel(label); ax.grid(alpha=.3)
     axes[1].get_legend().remove()
+    axes[0].legend(fontsize=8, loc='best', framealpha=0.7)
     if title: fig.suptitle(title)
     fig.tight_layout()
     return fig
