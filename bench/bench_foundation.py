@@ -9,7 +9,7 @@ weight-matching time for MLPs of growing width. Prints markdown tables; writes J
 This is a script, never a test: nothing here asserts anything. See bench/README.md for how to read the output.
 """
 from __future__ import annotations
-import argparse, shlex, dataclasses, datetime, json, os, platform, subprocess, sys, time, warnings, csv, io
+import argparse, contextlib, shlex, dataclasses, datetime, json, os, platform, subprocess, sys, time, warnings, csv, io
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -129,7 +129,7 @@ def run_peer(data: Data, width: int, n: int, bs: int, dev: torch.device, amp: bo
     model.train(); total = torch.zeros((), device=dev)
     for xb, yb in loader:
         xb, yb = xb.to(dev, non_blocking=True), yb.to(dev, non_blocking=True)
-        with torch.autocast('cuda', dtype=torch.bfloat16, enabled=use_amp): out = model(xb)
+        with (torch.autocast('cuda', dtype=torch.bfloat16) if use_amp else contextlib.nullcontext()): out = model(xb)
         loss = F.cross_entropy(out.float(), yb)
         opt.zero_grad(set_to_none=True); loss.backward(); opt.step()
         total += loss.detach() * len(yb)
@@ -227,6 +227,9 @@ def bench_matching(data: Data, widths: list[int], trained_widths: list[int], arg
 # ----------------------------------------------------------------------------------------------------------------------
 # output
 
+BUSY = 0.25  # share of the machine's CPU used by other processes above which timings are flagged
+
+
 def _pct(x) -> str: return '?' if x is None else f"{100 * x:.0f}%"
 
 
@@ -238,7 +241,7 @@ def md_table(header: list[str], rows: list[list]) -> str:
 
 def render(meta: dict, thr: list[dict], mat: list[dict]) -> str:
     out = [f"modelfusion foundation benchmark, {meta['date']}",
-           f"device: {meta['device']} ({meta['device_name']}), torch {meta['torch']}, {meta['threads']} threads, "
+           f"device: {meta['device']} ({meta['device_name']}), torch {meta['torch']}, torch threads {meta['threads']} of {os.cpu_count()} CPUs, "
            f"numpy {meta['numpy']}, scipy {meta['scipy']}, python {meta['python']}, commit {meta['commit']}",
            f"data: {meta['data']}", f"command: {meta['command']}",
            f"load average (1/5/15 min) at start {meta['loadavg_start']}, at end {meta.get('loadavg_end')}; total {meta.get('total_s', 0):.0f}s", '']
@@ -251,6 +254,11 @@ def render(meta: dict, thr: list[dict], mat: list[dict]) -> str:
                               f"{r['ratio']:.2f}", f"{r['paired_ratios'][0]:.2f}-{r['paired_ratios'][-1]:.2f}",
                               f"{r['fit_samples_per_s_wall']:,.0f}", _pct(r['other_load_max'])] for r in thr]))
         out.append('')
+        busy = [r['other_load_max'] for r in thr if r['other_load_max'] is not None and r['other_load_max'] > BUSY]
+        if busy:
+            out += [f"WARNING: other processes used up to {_pct(max(busy))} of the machine's CPU during some throughput "
+                    "measurements; on a CPU this can slow a run several-fold, so ratios in those rows are unreliable. "
+                    "Rerun on a quiet machine (or compare rows whose paired ratios agree).", '']
     if mat:
         out += ['Weight matching (Git Re-Basin, coordinate descent, LSA on the CPU): MLP 784-w-w-w-10, B matched onto A.', '']
         out.append(md_table(['width', 'models', 'wall (s)', 'sweeps', 'solves', 's/solve', 'objective', 'identity objective',
@@ -294,7 +302,7 @@ def main(argv=None):
     p.add_argument('--samples', type=int, default=None,
                    help='training samples at width 512 for the throughput test, scaled by 512/width for wider models '
                         '(default: 10240 on the CPU, 2560 with --quick, 240000 on CUDA; capped at the training set)')
-    p.add_argument('--repeats', type=int, default=None, help='timed repeats per measurement, best reported (default 3; 1 with --quick)')
+    p.add_argument('--repeats', type=int, default=None, help='timed repeats per measurement, best reported (default 3; 2 with --quick)')
     p.add_argument('--amp', action='store_true', help='bf16 autocast on CUDA in both fit and the peer (default: fp32 in both)')
     p.add_argument('--max-sweeps', type=int, default=100, help='weight matching max_sweeps (the library default)')
     p.add_argument('--max-sweeps-large', type=int, default=10, help='max_sweeps for widths >= --large-width (bounds the 4096 row)')
@@ -312,7 +320,7 @@ def main(argv=None):
     widths = args.widths or ([512, 1024] if args.quick else [512, 1024, 2048, 4096])
     trained_widths = [w for w in args.trained_widths if w in widths]
     if args.samples is None: args.samples = 240000 if dev.type == 'cuda' else (2560 if args.quick else 10240)
-    if args.repeats is None: args.repeats = 1 if args.quick else 3
+    if args.repeats is None: args.repeats = 2 if args.quick else 3
     if args.train_samples is None: args.train_samples = 10000 if args.quick else 10**9
     if args.out is None: args.out = str(HERE/'results'/f"foundation_{dev.type}{'_quick' if args.quick else ''}.json")
     log = lambda s: print(s, file=sys.stderr, flush=True)
@@ -330,9 +338,11 @@ def main(argv=None):
             'MODELFUSION_DATA': os.environ.get('MODELFUSION_DATA', ''), 'args': vars(args), 'loadavg_start': loadavg()}
     log(f"data: {meta['data']}; device {dev} ({meta['device_name']}), {meta['threads']} threads")
 
+    meta['complete'] = False  # partial results are saved after each section, in case the run is interrupted
     thr = [] if 'throughput' in args.skip else bench_throughput(data, widths, args.samples, args.batch_size, args.repeats, dev, args.amp, log)
+    if args.out: write_out(Path(args.out), meta, thr, [])
     mat = [] if 'matching' in args.skip else bench_matching(data, widths, trained_widths, args, dev, log)
-    meta['total_s'] = time.perf_counter() - t_start; meta['loadavg_end'] = loadavg()
+    meta['total_s'] = time.perf_counter() - t_start; meta['loadavg_end'] = loadavg(); meta['complete'] = True
 
     print(render(meta, thr, mat))
     if args.out:
