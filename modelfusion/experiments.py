@@ -26,7 +26,6 @@ __all__ = ['run_alignment', 'run_rebasin_mlp', 'format_table']
 # %% ../nbs/08_experiments.ipynb #31384c68
 def _matcher_kwargs(name: str, template, data: Data, n: int, seed: int) -> dict:
     "Data arguments for the matchers that take them."
-    import inspect
     ps = MATCHERS[name].params(); kw = {}
     if 'template' in ps: kw['template'] = template
     if 'x' in ps: kw['x'] = data.x_train[:n]

@@ -62,6 +62,7 @@ def weight_matching(sds: list[StateDict], # [reference model A, model B]: B is p
                     init: Alignment|None=None, # warm start: initial permutations of B (e.g. from another matcher)
                     tol: float=1e-12, # minimum relative improvement of a group's assignment score that counts as progress
                     device: str|None='cpu', # where the cost matrices are computed
+                    report: bool=True, # compute the objective, its trace and the identity's (three full passes over B)
                    ) -> MatchResult:
     "Git Re-Basin weight matching: permutations of B's units that maximise Σ⟨W_A, π(W_B)⟩ (coordinate descent)."
     if len(sds) != 2: raise ValueError(f"weight matching aligns 2 models, got {len(sds)}; for N models use a universe matcher")
@@ -83,7 +84,7 @@ def weight_matching(sds: list[StateDict], # [reference model A, model B]: B is p
     rng = np.random.default_rng(seed); names = list(spec.groups)
     dirty, sweeps, solves, t0 = set(names), 0, 0, time.time()
     # the objective changes by exactly a solve's improvement (the other groups' terms are fixed), so tracing it is free
-    obj = wm_objective(sds[0], sds[1], spec, {n: Transform.perm(p.cpu()) for n, p in perms.items()}); trace = [obj]
+    obj = wm_objective(sds[0], sds[1], spec, {n: Transform.perm(p.cpu()) for n, p in perms.items()}) if report else 0.0; trace = [obj]
     while dirty and sweeps < max_sweeps:
         sweeps += 1
         for gi in rng.permutation(len(names)):
@@ -103,8 +104,9 @@ def weight_matching(sds: list[StateDict], # [reference model A, model B]: B is p
                 dirty |= neighbours[n]; obj += new - old
         trace.append(obj)
     al = {n: Transform.perm(p.cpu()) for n, p in perms.items()}
-    info = {'sweeps': sweeps, 'solves': solves, 'time_s': time.time() - t0, 'converged': not dirty, 'objective_trace': trace,
-            'objective': wm_objective(sds[0], sds[1], spec, al), 'objective_identity': wm_objective(sds[0], sds[1], spec, {})}
+    info = {'sweeps': sweeps, 'solves': solves, 'time_s': time.time() - t0, 'converged': not dirty}
+    if report: info.update(objective_trace=trace, objective=wm_objective(sds[0], sds[1], spec, al),
+                           objective_identity=wm_objective(sds[0], sds[1], spec, {}))
     return MatchResult([{}, al], info)
 
 # %% ../nbs/05_matching.ipynb #a6cd7e46
@@ -211,7 +213,7 @@ def ste_matching(sds: list[StateDict], # [reference model A, model B]
     for _ in range(epochs):
         for xb, yb in loader:
             cur = {k: v.detach().cpu() for k, v in proxy.items()}
-            perm = weight_matching([{**{k: sds[0][k] for k in sds[0]}, **cur}, sds[1]], spec, seed=seed, init=perm).alignments[1]
+            perm = weight_matching([{**sds[0], **cur}, sds[1]], spec, seed=seed, init=perm, report=False).alignments[1]
             Bp = apply(B, spec, {g: Transform(t.merge.to(dev)) for g, t in perm.items()})
             ste = {k: (proxy[k] + (Bp[k] - proxy[k]).detach()) if k in proxy else Bp[k] for k in B}
             loss = _midpoint_loss(tmpl, A, ste, xb, yb)
