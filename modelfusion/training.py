@@ -90,11 +90,15 @@ def fit(model_cfg: dict, # model config, e.g. model_config('mlp', data, widths=[
         seed: int=0, # seed of initialisation, data order and augmentation
         device: str|None=None, # None: CUDA when available
         verbose: bool|None=None, # progress bar (None: on unless MODELFUSION_PROGRESS=0)
+        init: dict|None=None, # start from these weights (fine-tuning) instead of a fresh initialisation
        ) -> tuple[dict, dict]:
     "Train a model; return its CPU state dict and metrics (per-epoch train loss, final train/test loss and accuracy)."
     dev = get_device(device)
     seed_everything(seed)
     model = build_model(model_cfg).to(dev)
+    if init is not None:
+        check_compatible([model.state_dict(), init], ['the model config', 'the initial weights']); check_finite(init, 'the initial weights')
+        model.load_state_dict(init)
     data = data.to(dev)
     loader = TensorLoader(data.x_train, data.y_train, cfg.batch_size, shuffle=True, seed=seed,
                           augment=data.augment if cfg.augment else None)
@@ -179,8 +183,9 @@ class Trained:
 class ModelCache:
     "Trained models stored as checkpoints under a hash of (model config, data, training config, seed)."
     def __init__(self, root: str|Path|None=None): self.root = Path(root) if root else cache_dir('models')
-    def key(self, model_cfg: dict, data: Data, cfg: TrainConfig, seed: int) -> str:
-        return config_hash({'model': model_cfg, 'data': [data.name, data.fingerprint], 'train': asdict(cfg), 'seed': seed, 'format': 2})
+    def key(self, model_cfg: dict, data: Data, cfg: TrainConfig, seed: int, init: dict|None=None) -> str:
+        extra = {'init': tensors_sha256(init)} if init is not None else {}  # fine-tuned models are keyed by their start
+        return config_hash({'model': model_cfg, 'data': [data.name, data.fingerprint], 'train': asdict(cfg), 'seed': seed, 'format': 2, **extra})
     def path(self, key: str) -> Path: return self.root/key[:2]/f'{key}.safetensors'
     def get(self, key: str) -> Trained|None:
         "The cached model, or None; a damaged entry is reported and treated as missing."
@@ -200,14 +205,16 @@ def train(model_cfg: dict, # model config (see `model_config`)
           cache: ModelCache|str|Path|bool|None=True, # True: the default cache; a folder; False/None: no cache
           device: str|None=None, # None: CUDA when available
           verbose: bool|None=None, # progress bar
+          init: dict|None=None, # fine-tune from these weights (part of the cache key)
          ) -> Trained:
-    "Train a model, or return it from the cache when the same (model, data, config, seed) was trained before."
+    "Train a model, or return it from the cache when the same (model, data, config, seed, start) was trained before."
     if cache is True: cache = ModelCache()
     elif isinstance(cache, (str, Path)): cache = ModelCache(cache)
-    key = cache.key(model_cfg, data, cfg, seed) if cache else None
+    key = cache.key(model_cfg, data, cfg, seed, init) if cache else None
     if cache and (hit := cache.get(key)) is not None: return hit
-    sd, metrics = fit(model_cfg, data, cfg, seed, device, verbose)
+    sd, metrics = fit(model_cfg, data, cfg, seed, device, verbose, init=init)
     meta = {'model': model_cfg, 'data': {'name': data.name, 'fingerprint': data.fingerprint, 'source': data.source},
-            'train': asdict(cfg), 'seed': seed, 'metrics': metrics, 'key': key}
+            'train': asdict(cfg), 'seed': seed, 'metrics': metrics, 'key': key,
+            **({'init_sha256': tensors_sha256(init)} if init is not None else {})}
     path = cache.put(key, sd, meta) if cache else None
     return Trained(sd, meta, False, path)
