@@ -21,7 +21,7 @@ import modelfusion.merging as merging
 from .evaluation import *
 
 # %% auto #0
-__all__ = ['run_alignment', 'run_rebasin_mlp', 'format_table']
+__all__ = ['run_alignment', 'run_rebasin_mlp', 'format_table', 'run_task_merging', 'format_accuracy_table']
 
 # %% ../nbs/08_experiments.ipynb #31384c68
 def _matcher_kwargs(name: str, template, data: Data, n: int, seed: int) -> dict:
@@ -160,3 +160,75 @@ def format_table(table: pd.DataFrame) -> str:
         if 'acc' in c: t[c] = t[c].map(lambda v: f"{100*v:.2f}%")
         else: t[c] = t[c].map(lambda v: '' if v is None or pd.isna(v) else f"{v:.4f}")
     return t.to_string()
+
+# %% ../nbs/08_experiments.ipynb #1ba20b3a
+from .pipeline import compose, fuse, task_data, ModelPool, TaskPool, _train_cfg, _template, ENTRY_KEYS
+
+def _slug(s: str) -> str: return ''.join(c if c.isalnum() or c in '._-' else '_' for c in s).strip('_')[:80]
+
+def run_task_merging(modelpool: str|dict='mnist_mlp_tasks', # model pool config (name, path or dict) of models fine-tuned from a base
+                     taskpool: str|dict='mnist_tasks', # task pool config
+                     methods: list[str]=('simple_average', 'task_arithmetic', 'ties_merging', 'dare_task_arithmetic',
+                                         'dare_ties', 'fisher_merging', 'regmean'), # method configs, each optionally followed by overrides
+                     overrides: list[str]=(), # overrides applied to every run (e.g. 'taskpool.n_eval=1000')
+                     multitask: bool=True, # also train the multi-task bound
+                     out: str|Path='runs/task_merging', # run folder
+                     root: str|Path|None=None, # data folder (else $MODELFUSION_DATA)
+                     cache: bool|str=True, # the model cache
+                     verbose: bool|None=None, # progress bars and messages
+                     config_dir=None, # extra config folders
+                    ) -> dict:
+    "Merge a pool of fine-tuned models with each method; table of per-task and average accuracy with bounds; write the run folder."
+    t0 = time.time(); out = ensure_dir(out)
+    say = print if verbose is not False else (lambda *a, **k: None)
+    runs = [m.split() for m in methods]
+    cfgs = {' '.join(r): compose(r[0], modelpool, taskpool, [*overrides, *r[1:]], config_dir) for r in runs}  # all checked first
+    if not cfgs: raise ValueError("no methods given")
+    first = next(iter(cfgs.values()))
+    write_json(out/'params.json', {'experiment': 'task_merging', 'modelpool': first['modelpool'], 'taskpool': first['taskpool'],
+                                   'methods': list(cfgs), 'overrides': list(overrides), 'multitask': multitask, 'versions': versions()})
+    reports, rows = {}, {}
+    for i, (label, cfg) in enumerate(cfgs.items()):
+        cfg = {**cfg, 'evaluate_inputs': i == 0}
+        r = fuse(cfg, out=out/_slug(label), root=root, cache=cache, verbose=verbose); reports[label] = r
+        if i == 0:
+            pool_info = r['pool']['info']
+            for n, res in r['inputs'].items(): rows['base' if n == 'base' else f'fine-tuned: {n}'] = res
+        rows[label] = r['results']['merged']
+        say(f"{label}: average accuracy {100 * r['results']['merged']['average']['acc']:.2f}%  ({r['timings']['method_s']:.1f} s)")
+    tasks = [t for t in rows[next(iter(cfgs))] if t != 'average']
+    pool_cfg = first['modelpool']
+    if multitask:
+        if not pool_cfg.get('base'): raise ValueError("the multi-task bound needs a pool with a base model (or multitask=False)")
+        pool = ModelPool.from_config(pool_cfg, root, first['device'], cache, verbose=False)
+        entries = pool_cfg['models']
+        mix = task_data({'mix': [e['task'] for e in entries]}, root, pool.device)
+        _, mcfg = _template(pool_cfg['model'], task_data(pool_cfg['data'], root, pool.device))
+        tcfg = _train_cfg(pool_cfg.get('train'), entries[0].get('train'))
+        t = train(mcfg, mix, tcfg, 0, cache=cache, device=pool.device, verbose=verbose, init=pool.base)
+        tp = TaskPool.from_config(first['taskpool'], root, pool.device)
+        rows['multi-task model (bound)'] = tp.evaluate(pool.template, t.state_dict)
+        say(f"multi-task bound: average accuracy {100 * rows['multi-task model (bound)']['average']['acc']:.2f}% "
+            f"({'from cache' if t.from_cache else 'trained in %.0f s' % t.meta['metrics']['train_time_s']})")
+    own = {t: rows[f'fine-tuned: {t}'][t]['acc'] for t in tasks if f'fine-tuned: {t}' in rows}
+    if len(own) == len(tasks):
+        rows['individual (each on its own task)'] = {**{t: {'acc': own[t]} for t in tasks}, 'average': {'acc': sum(own.values()) / len(own)}}
+    table = pd.DataFrame({n: {**{t: r[t]['acc'] for t in tasks}, 'average': r['average']['acc']} for n, r in rows.items()}).T
+    if len(own) == len(tasks): table['normalized'] = table[tasks].div(pd.Series(own)).mean(1)
+    table.index.name = 'model'
+    table.to_csv(out/'table.csv')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(table) + 1))
+    table['average'].iloc[::-1].plot.barh(ax=ax, color='tab:blue')
+    ax.set_xlabel('average test accuracy over tasks'); ax.set_xlim(0, 1); ax.set_title(f"{first['modelpool'].get('name', '')} on {first['taskpool'].get('name', '')}")
+    fig.tight_layout()
+    with atomic_path(out/'accuracy.png') as tmp: fig.savefig(tmp, dpi=110, format='png')
+    plt.close(fig)
+    metrics = {'table': table.reset_index().to_dict('records'), 'tasks': tasks, 'pool': pool_info,
+               'timings': {k: r['timings'] for k, r in reports.items()}, 'wall_time_s': time.time() - t0}
+    write_json(out/'metrics.json', metrics)
+    return {'table': table, 'reports': reports, 'metrics': metrics, 'out': out}
+
+def format_accuracy_table(table: pd.DataFrame) -> str:
+    "Accuracies in percent (normalized as a percentage of the individual models)."
+    return table.map(lambda v: '' if pd.isna(v) else f"{100 * v:.2f}").to_string()

@@ -498,6 +498,8 @@ def fuse(cfg: dict, # a run config (`compose`)
     t0 = time.time(); cfg = _plain(cfg); check_config(cfg)
     name, params = cfg['method']['name'], {k: v for k, v in cfg['method'].items() if k != 'name'}
     out = Path(out) if out else Path('runs/fuse')/f"{name}-{cfg['modelpool'].get('name', 'pool')}-{cfg['taskpool'].get('name', 'tasks')}-{config_hash(cfg)[:8]}"
+    if len(cfg['modelpool']['models']) < 2:
+        raise ConfigError(f"model pool '{cfg['modelpool'].get('name', '?')}' has {len(cfg['modelpool']['models'])} model(s); fusing needs at least 2")
     _writable(out)
     if save_model: _writable(Path(save_model).parent)
     seed_everything(cfg['seed']); times = {}

@@ -36,9 +36,10 @@ def check_base(sds: list[StateDict], # fine-tuned models
 
 def task_vectors(sds: list[StateDict], # fine-tuned models
                  base: StateDict, # their common base
+                 method: str='task vectors', # the caller, for error messages
                 ) -> list[StateDict]:
     "τᵢ = θᵢ − θ₀ on the `delta_keys` (in float32)."
-    check_base(sds, base, 'task vectors')
+    check_base(sds, base, method)
     return [{k: sd[k].float() - base[k].float() for k in delta_keys(base)} for sd in sds]
 
 def from_delta(base: StateDict, # the base model
@@ -64,7 +65,7 @@ def task_arithmetic(sds: list[StateDict], # models fine-tuned from `base`
                     lam: float=0.3, # scaling λ of the summed task vectors
                    ) -> StateDict:
     "Task arithmetic (Ilharco et al., 2023): θ₀ + λ Σᵢ (θᵢ − θ₀)."
-    return _ta(task_vectors(sds, base), base, sds, lam)
+    return _ta(task_vectors(sds, base, 'task arithmetic'), base, sds, lam)
 
 def _ta(tv, base, sds, lam=0.3):  # on task vectors (DARE reuses it)
     return from_delta(base, {k: lam * sum(t[k] for t in tv) for k in tv[0]}, sds)
@@ -88,7 +89,7 @@ def ties_merging(sds: list[StateDict], # models fine-tuned from `base`
                  merge_func: str='mean', # disjoint merge: 'mean' (paper), 'sum' or 'max'
                 ) -> StateDict:
     "TIES-merging (Yadav et al., 2023): trim to the top-k%, elect a sign per entry, merge the agreeing entries."
-    return _ties(task_vectors(sds, base), base, sds, k, lam, merge_func)
+    return _ties(task_vectors(sds, base, 'TIES-merging'), base, sds, k, lam, merge_func)
 
 def _ties(tv, base, sds, k=0.2, lam=1.0, merge_func='mean'):  # on task vectors (DARE reuses it)
     if merge_func not in ('mean', 'sum', 'max'): raise UnknownName(f"unknown merge_func '{merge_func}'; known: max, mean, sum")
@@ -133,7 +134,7 @@ def dare(sds: list[StateDict], # models fine-tuned from `base`
     "DARE (Yu et al., 2024): randomly drop task-vector entries, rescale the rest, then merge."
     if merge not in _DARE_BASES: raise UnknownName(f"unknown DARE merge '{merge}'; known: {', '.join(_DARE_BASES)}")
     g = torch.Generator().manual_seed(seed)
-    tvs = [dare_sparsify(t, p, g, rescale) for t in task_vectors(sds, base)]
+    tvs = [dare_sparsify(t, p, g, rescale) for t in task_vectors(sds, base, 'DARE')]
     return _DARE_BASES[merge](tvs, base, sds, **merge_kw)
 
 # %% ../nbs/06a_taskvec.ipynb #d7161e9d
@@ -142,7 +143,7 @@ def fisher_diag(template: nn.Module, # a module of the architecture (its own wei
                 x: Tensor, # inputs (on the template's device), e.g. 1,000 training samples of its task
                 y: Tensor|None=None, # labels, needed for fisher_type='empirical'
                 fisher_type: str='expected', # 'expected' (exact sum over classes, paper) or 'empirical' (true labels)
-                batch_size: int=64, # samples per vmap call
+                batch_size: int=64, # samples per step
                ) -> StateDict:
     "Diagonal Fisher information of a classifier's parameters, averaged over the samples of `x`."
     from torch.func import functional_call, vmap, grad
@@ -152,24 +153,51 @@ def fisher_diag(template: nn.Module, # a module of the architecture (its own wei
     check_compatible([template.state_dict(), sd], ['the template', 'the model'])
     dev = x.device
     names = [n for n, _ in template.named_parameters()]
-    params = {n: sd[n].detach().to(dev).float() for n in names}
+    params = {n: sd[n].detach().to(dev).float().requires_grad_() for n in names}
     buffers = {k: v.to(dev) for k, v in sd.items() if k not in params}
+    # Linear layers applied once per sample (2-D input): a per-sample gradient is the outer product g·aᵀ of the output
+    # gradient and the input, so Σₙ (gₙaₙᵀ)² = (g²)ᵀ(a²): exact, from one ordinary backward pass per class
+    lins, ins, outs, capture = {}, {}, {}, [True]
+    for n, m in template.named_modules():
+        if isinstance(m, nn.Linear) and f'{n}.weight' in params: lins[n] = m
+    def hook(n):
+        def f(mod, inp, out):
+            if capture[0] and inp[0].ndim == 2: ins[n], outs[n] = inp[0].detach(), out
+        return f
+    hooks = [m.register_forward_hook(hook(n)) for n, m in lins.items()]
+    fis = {n: torch.zeros_like(p, requires_grad=False) for n, p in params.items()}
     was = template.training; template.eval()
-    def logp(p, xi, c, w):  # w * log p(c|x) for one sample; w = sqrt(p_c) makes the square come out as p_c·(∇log p_c)²
-        out = functional_call(template, {**p, **buffers}, (xi.unsqueeze(0),))
-        return w * F.log_softmax(out.float(), -1)[0].gather(0, c.view(1))[0]
-    g1 = vmap(grad(logp), in_dims=(None, 0, 0, 0))
-    fis = {n: torch.zeros_like(p) for n, p in params.items()}
     try:
+        with torch.no_grad(): functional_call(template, {**params, **buffers}, (x[:2],))  # which Linear layers get 2-D inputs
+        fast = [n for n in lins if n in ins]
+        fast_keys = {f'{n}.{w}' for n in fast for w in ('weight', 'bias') if f'{n}.{w}' in params}
+        slow = [n for n in names if n not in fast_keys]  # everything else: per-sample gradients with vmap
+        def logp(p, xi, c, w):  # w·log p(c|x) for one sample; w = sqrt(p_c) makes the square come out as p_c·(∇log p_c)²
+            out = functional_call(template, {**params, **p, **buffers}, (xi.unsqueeze(0),))
+            return w * F.log_softmax(out.float(), -1)[0].gather(0, c.view(1))[0]
+        g1 = vmap(grad(logp), in_dims=(None, 0, 0, 0))
         for i in range(0, len(x), batch_size):
-            xb = x[i:i + batch_size]
-            with torch.no_grad(): prob = F.softmax(functional_call(template, {**params, **buffers}, (xb,)).float(), -1)
+            xb = x[i:i + batch_size]; ins.clear(); outs.clear()
+            logits = functional_call(template, {**params, **buffers}, (xb,)).float()
+            lp = F.log_softmax(logits, -1); prob = lp.detach().exp()
             pairs = [(y[i:i + batch_size], torch.ones(len(xb), device=dev))] if fisher_type == 'empirical' else \
                     [(torch.full((len(xb),), c, device=dev), prob[:, c].sqrt()) for c in range(prob.shape[1])]
-            for c, w in pairs:
-                gs = g1(params, xb, c, w)
-                for n in fis: fis[n] += gs[n].pow(2).sum(0)
-    finally: template.train(was)
+            for j, (c, w) in enumerate(pairs):
+                if fast:
+                    f = (w * lp.gather(1, c.view(-1, 1))[:, 0]).sum()
+                    gs = torch.autograd.grad(f, [outs[n] for n in fast], retain_graph=j < len(pairs) - 1)
+                    for n, g in zip(fast, gs):
+                        g2 = g.detach().float().pow(2)
+                        fis[f'{n}.weight'] += g2.T @ ins[n].float().pow(2)
+                        if f'{n}.bias' in fis: fis[f'{n}.bias'] += g2.sum(0)
+                if slow:
+                    capture[0] = False
+                    try: gs = g1({n: params[n].detach() for n in slow}, xb, c, w)
+                    finally: capture[0] = True
+                    for n in slow: fis[n] += gs[n].detach().pow(2).sum(0)
+    finally:
+        for h in hooks: h.remove()
+        template.train(was)
     return {n: (f / len(x)).cpu() for n, f in fis.items()}
 
 def fisher_merging(sds: list[StateDict], # models of one architecture (one common space)

@@ -10,6 +10,8 @@ SMOKE = {
     'repair': dict(model='mlp', model_kw={'widths': [32, 32]}, dataset='digits', train_kw={'epochs': 2, 'batch_size': 64},
                    n_lams=3, repair_lams=3, calib_samples=500, eval_samples=300),
     'git_rebasin_resnet20_width': dict(widths=[0.25, 0.5], dataset='digits', train_kw={'epochs': 1, 'batch_size': 64}, n_lams=3, eval_samples=200),
+    'task_merging': dict(modelpool='digits_mlp_tasks', taskpool='digits_tasks', methods=['simple_average', 'task_arithmetic', 'ties_merging',
+                         'dare_ties', 'fisher_merging', 'regmean']),
 }
 
 def test_profiles_name_real_parameters():
