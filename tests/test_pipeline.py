@@ -180,3 +180,15 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(tmp_path, cache, monkey
     save_file(nan, str(tmp_path/'b.safetensors'))  # a plain safetensors file (save_checkpoint itself refuses NaN)
     rc, err = _err(['fuse', 'method=simple_average', f'modelpool={diff}', 'taskpool=digits', '--out', str(out)], capsys)
     assert rc == 2 and 'NaN' in err and not out.exists()
+
+
+def test_torchvision_pool_with_dummy_taskpool(tmp_path):
+    "A pool of seeded torchvision constructors, merged and measured by the dummy task pool (parameter counts)."
+    pool = {'name': 'tv', 'model': {'torchvision': 'resnet18', 'num_classes': 10},
+            'models': [{'name': 'a', 'init': True, 'seed': 0}, {'name': 'b', 'init': True, 'seed': 1}]}
+    r = fuse(compose('simple_average', pool, 'dummy'), out=tmp_path/'run', cache=False)
+    d = r['results']['merged']['dummy']
+    assert d['parameters'] == 11_181_642 and d['buffers'] > 0 and 0.99 < d['nonzero_fraction'] <= 1
+    assert r['pool']['info']['a'] == {'source': 'init', 'seed': 0}
+    with pytest.raises(UnknownName, match='no model'):
+        fuse(compose('simple_average', {**pool, 'model': {'torchvision': 'resnet1800'}}, 'dummy'), out=tmp_path/'x')
