@@ -8,8 +8,8 @@ wall time, sweeps, assignment solves (and the time spent inside them), the final
 and whether the permuted B still computes the same function as B.
 
     pip install rebasin==0.0.47 torchview graphviz    # the competitor (not a modelfusion dependency)
-    python bench/matching.py                          # full run (MLP 512..4096, ResNet20 x1..x16): ~7.5 min on 2 quiet cores
-    python bench/matching.py --quick                  # MLP 512, 1024 and ResNet20 x1, x2: ~25 s
+    python bench/matching.py --threads 1              # full run (MLP 512..4096, ResNet20 x1..x16): ~7.5 min, most of it rebasin
+    python bench/matching.py --quick --threads 1      # MLP 512, 1024 and ResNet20 x1, x2: ~30 s
     python bench/matching.py --device cuda            # cost matrices on the GPU (the assignments stay on the CPU)
 
 This is a script, never a test: nothing here asserts anything. See bench/README.md for how to read the output.

@@ -45,8 +45,9 @@ def apply_perm_axis(w: Tensor, a: Axis, perm: Tensor) -> Tensor:
 
 def wm_objective(sd_a: StateDict, sd_b: StateDict, spec: Spec, alignment: Alignment) -> float:
     "Σ_p ⟨W^A_p, π(W^B)_p⟩ over the parameters the spec touches (the weight-matching objective)."
-    b = apply(sd_b, spec, alignment)
-    return float(sum((sd_a[p].double() * b[p].double()).sum() for p in spec.by_param() if not _is_stat(p)))
+    b = apply(sd_b, spec, alignment) if alignment else sd_b
+    # products in the tensors' own dtype, pairwise sums (relative error ~1e-7 in float32), summed over tensors in float64
+    return sum(float((sd_a[p] * b[p]).sum()) for p in spec.by_param() if not _is_stat(p))
 
 # %% ../nbs/05_matching.ipynb #03a213a0
 def _permute_all(w: Tensor, axes: list[tuple[str, Axis]], perms: dict[str, Tensor]) -> Tensor:
@@ -54,18 +55,62 @@ def _permute_all(w: Tensor, axes: list[tuple[str, Axis]], perms: dict[str, Tenso
     for g, a in axes: w = apply_perm_axis(w, a, perms[g])
     return w
 
+def _positions(units: Tensor, b: Axis) -> Tensor:
+    "The indices on `b.dim` that hold `units` (a unit is a block of positions after a flatten)."
+    if b.block > 1: units = (units[:, None] * b.block + torch.arange(b.block, device=units.device)).reshape(-1)
+    return units + b.offset
+
+def _potentials(C: np.ndarray, col: np.ndarray, v: np.ndarray, max_iter: int=10, out: np.ndarray|None=None) -> np.ndarray:
+    "Column duals v of min -C: -C_ij - u_i - v_j ≥ 0, tight on the optimal `col` (Bellman-Ford from v, at most max_iter rounds)."
+    k = len(col); ar = np.arange(k); inv = np.empty(k, np.int64); inv[col] = ar
+    v = v.copy(); off = v[col] + C[ar, col]  # row i reaches column j at v_col(i) - C_ij + C_i,col(i)
+    eps = 1e-12 * (1.0 + np.abs(C[ar, col]).max())
+    cand = -np.subtract(C, off[:, None], out=out).max(0)
+    for _ in range(max_iter):
+        ch = np.nonzero(cand < v - eps)[0]
+        if not len(ch): return v
+        v[ch] = cand[ch]; rows = inv[ch]; off[rows] = v[ch] + C[rows, ch]
+        cand = -(C[rows] - off[rows, None]).max(0)
+    return v  # not yet feasible everywhere: still a good start (any u, v give an equivalent problem)
+
+class _Term:
+    "One tensor's part of a group's cost, cached with the neighbour permutations it was computed for."
+    def __init__(self, p: str, a: Axis, deps: list[tuple[str, Axis]]):
+        self.p, self.a, self.deps, self.T, self.snap, self.corrected = p, a, deps, None, None, 0
+    def value(self, A: dict, B: dict, Am: Tensor, k: int, perms: dict, sizes: dict, refresh: float) -> Tensor:
+        "The term for the current permutations: cached, corrected for a moved neighbour, or recomputed."
+        if self.T is not None:
+            moved = [(h, b) for h, b in self.deps if self.snap[h] is not perms[h] and not torch.equal(self.snap[h], perms[h])]
+            if not moved: return self.T
+            if len(self.deps) == 1:
+                (h, b), = moved; old, new = self.snap[h], perms[h]
+                u = (old != new).nonzero().squeeze(1)
+                if self.corrected + len(u) <= refresh * sizes[h]:
+                    dB = _mat(B[self.p].index_select(b.dim, _positions(new[u], b)), self.a, k) - _mat(B[self.p].index_select(b.dim, _positions(old[u], b)), self.a, k)
+                    self.T = self.T + _mat(A[self.p].index_select(b.dim, _positions(u, b)), self.a, k) @ dB.T
+                    self.snap, self.corrected = {h: new}, self.corrected + len(u)
+                    return self.T
+        self.T = Am @ _mat(_permute_all(B[self.p], self.deps, perms), self.a, k).T
+        self.snap, self.corrected = {h: perms[h] for h, _ in self.deps}, 0
+        return self.T
+
+# %% ../nbs/05_matching.ipynb #a7c22769
 @MATCHERS.register('weight', paper='https://arxiv.org/abs/2209.04836')
 def weight_matching(sds: list[StateDict], # [reference model A, model B]: B is permuted onto A
                     spec: Spec, # the architecture's spec
                     max_sweeps: int=100, # cap on the number of sweeps over all groups
                     seed: int=0, # seed of the random group order
-                    init: Alignment|None=None, # warm start: initial permutations of B (e.g. from another matcher)
+                    init: Alignment|None=None, # warm start: initial permutations of B (e.g. from another matcher); skips `start`
                     tol: float=1e-12, # minimum relative improvement of a group's assignment score that counts as progress
                     device: str|None='cpu', # where the cost matrices are computed
-                    report: bool=True, # compute the objective, its trace and the identity's (three full passes over B)
+                    report: bool=True, # compute the objective, its trace and the identity's (two passes over the tensors)
+                    start: str='greedy', # first guess without `init`: 'greedy' (one pass on settled terms) or 'identity'
+                    refresh: float=1.0, # recompute a term once its rank corrections moved more than refresh × k_h units (0: never correct)
+                    warm: bool=True, # warm-start each assignment from the duals of the group's previous one
                    ) -> MatchResult:
     "Git Re-Basin weight matching: permutations of B's units that maximise Σ⟨W_A, π(W_B)⟩ (coordinate descent)."
     if len(sds) != 2: raise ValueError(f"weight matching aligns 2 models, got {len(sds)}; for N models use a universe matcher")
+    if start not in ('greedy', 'identity'): raise UnknownName(f"unknown start '{start}'; known: greedy, identity")
     check_compatible(sds, ['model A', 'model B'])
     spec.check(sds[0], 'model A')
     dev = get_device(device)
@@ -79,37 +124,67 @@ def weight_matching(sds: list[StateDict], # [reference model A, model B]: B is p
         perms[n] = t.merge.to(dev)
     axes = {n: [a for a in g.axes if a.param in by_param] for n, g in spec.groups.items()}
     Amat = {(n, i): _mat(A[a.param], a, sizes[n]) for n in axes for i, a in enumerate(axes[n])}
-    Bcur = {p: _permute_all(B[p], by_param[p], perms) for p in by_param}
-    neighbours = {n: {g for a in axes[n] for g, _ in by_param[a.param]} - {n} for n in axes}
+    # a term depends on the groups on the tensor's other dims (another group on the same dim, after a concatenation,
+    # lies outside this axis's span); a tensor no other group touches gives a constant, summed once
+    terms, const = {}, {}
+    for n in axes:
+        terms[n] = []; const[n] = torch.zeros(sizes[n], sizes[n], device=dev)
+        for i, a in enumerate(axes[n]):
+            deps = [(h, b) for h, b in by_param[a.param] if b.dim != a.dim]
+            if deps: terms[n].append((i, _Term(a.param, a, deps)))
+            else: const[n] += Amat[(n, i)] @ _mat(B[a.param], a, sizes[n]).T
+    neighbours = {n: {h for _, t in terms[n] for h, _ in t.deps} - {n} for n in axes}
     rng = np.random.default_rng(seed); names = list(spec.groups)
-    dirty, sweeps, solves, t0 = set(names), 0, 0, time.time()
-    # the objective changes by exactly a solve's improvement (the other groups' terms are fixed), so tracing it is free
-    obj = wm_objective(sds[0], sds[1], spec, {n: Transform.perm(p.cpu()) for n, p in perms.items()}) if report else 0.0; trace = [obj]
+    solves, t0, duals = 0, time.time(), {}
+
+    def solve(n, settled=None):
+        "Best assignment of group n with the others fixed (only terms whose neighbours are all `settled`, if given)."
+        nonlocal solves
+        k = sizes[n]; C = const[n].clone()
+        for i, t in terms[n]:
+            if settled is None or all(h in settled for h, _ in t.deps): C += t.value(A, B, Amat[(n, i)], k, perms, sizes, refresh)
+        C = C.double().cpu().numpy()  # columns are B's own units: every term leaves group n's axis unpermuted
+        cur, ar = perms[n].cpu().numpy(), np.arange(k)
+        # SciPy's solver minimises and finds shorter augmenting paths on reduced costs M - u - v ≥ 0 (subtracting
+        # u_i from a row and v_j from a column changes every assignment's total by the same amount, so no ranking):
+        # row-then-column minima the first time, then the duals of this group's last solve, made tight on `cur`
+        v = duals.get(n)
+        if v is None: R = np.subtract(C.max(1, keepdims=True), C); R -= R.min(0, keepdims=True)
+        else: R = np.subtract((C[ar, cur] + v[cur])[:, None], C); R -= v
+        _, col = linear_sum_assignment(R); solves += 1
+        if warm: duals[n] = _potentials(C, col, np.zeros(k) if v is None else v, out=R)
+        return col, C[ar, cur].sum(), C[ar, col].sum()
+
+    dirty, sweeps, improved = set(names), 0, 0
+    if init is None and start == 'greedy':
+        settled = set()
+        for n in names:
+            # a group solved on all its terms is optimal for its neighbours' current permutations until one moves
+            if all(h in settled for _, t in terms[n] for h, _ in t.deps): dirty.discard(n)
+            col, old, new = solve(n, settled); settled.add(n)
+            if new > old + tol * max(1.0, abs(old)): perms[n] = torch.as_tensor(col, device=dev); dirty |= neighbours[n]
+    # the objective changes by exactly a solve's improvement (the other groups' terms are fixed), so the trace is
+    # the final objective minus the gains still to come: one pass over the tensors instead of two
+    gains = []
     while dirty and sweeps < max_sweeps:
-        sweeps += 1
+        sweeps += 1; gains.append(0.0)
         for gi in rng.permutation(len(names)):
             n = names[gi]
             if n not in dirty: continue
-            dirty.discard(n); k = sizes[n]
-            C = torch.zeros(k, k, device=dev)
-            for i, a in enumerate(axes[n]): C += Amat[(n, i)] @ _mat(Bcur[a.param], a, k).T
-            C = C.double().cpu().numpy()
-            cur = perms[n].cpu().numpy()
-            Cj = np.empty_like(C); Cj[:, cur] = C  # columns by B's own unit index (Bcur holds B permuted by `cur`)
-            _, col = linear_sum_assignment(Cj, maximize=True); solves += 1
-            old = Cj[np.arange(k), cur].sum(); new = Cj[np.arange(k), col].sum()
+            dirty.discard(n)
+            col, old, new = solve(n)
             if new > old + tol * max(1.0, abs(old)):
-                perms[n] = torch.as_tensor(col, device=dev)
-                for a in axes[n]: Bcur[a.param] = _permute_all(B[a.param], by_param[a.param], perms)
-                dirty |= neighbours[n]; obj += new - old
-        trace.append(obj)
+                perms[n] = torch.as_tensor(col, device=dev); improved += 1
+                dirty |= neighbours[n]; gains[-1] += new - old
     al = {n: Transform.perm(p.cpu()) for n, p in perms.items()}
-    info = {'sweeps': sweeps, 'solves': solves, 'time_s': time.time() - t0, 'converged': not dirty}
-    if report: info.update(objective_trace=trace, objective=wm_objective(sds[0], sds[1], spec, al),
-                           objective_identity=wm_objective(sds[0], sds[1], spec, {}))
+    info = {'sweeps': sweeps, 'solves': solves, 'time_s': time.time() - t0, 'converged': not dirty, 'improved': improved, 'start': 'init' if init is not None else start}
+    if report:
+        obj = wm_objective(sds[0], sds[1], spec, al)
+        info.update(objective=obj, objective_identity=wm_objective(sds[0], sds[1], spec, {}),
+                    objective_trace=[obj - sum(gains[i:]) for i in range(len(gains) + 1)])  # at the start and after each sweep
     return MatchResult([{}, al], info)
 
-# %% ../nbs/05_matching.ipynb #a6cd7e46
+# %% ../nbs/05_matching.ipynb #f224dc94
 def _reader(template: torch.nn.Module, g: Group) -> tuple[str, Axis]:
     "The module that reads group `g` (first 'in' axis on a weight) and that axis."
     for a in g.axes:
@@ -182,7 +257,7 @@ def activation_matching(sds: list[StateDict], # [reference model A, model B]
         al[n] = Transform.perm(torch.as_tensor(col))
     return MatchResult([{}, al], {'time_s': time.time() - t0, 'stat': stat, 'samples': len(x)})
 
-# %% ../nbs/05_matching.ipynb #f224dc94
+# %% ../nbs/05_matching.ipynb #d8659c82
 def _midpoint_loss(template, sd_a, sd_b, xb, yb, lam=0.5):
     sd = {k: (1 - lam) * sd_a[k] + lam * sd_b[k] if sd_a[k].is_floating_point() else sd_a[k] for k in sd_a}
     return torch.nn.functional.cross_entropy(torch.func.functional_call(template, sd, (xb,)), yb)
@@ -222,7 +297,7 @@ def ste_matching(sds: list[StateDict], # [reference model A, model B]
             if losses[-1] < best[0]: best = (losses[-1], perm)
     return MatchResult([{}, best[1]], {'time_s': time.time() - t0, 'steps': len(losses), 'losses': losses, 'best_loss': best[0]})
 
-# %% ../nbs/05_matching.ipynb #8f278ae1
+# %% ../nbs/05_matching.ipynb #5db84f6c
 def sinkhorn(logits: Tensor, # (n, n) scores
              n_iter: int=20, # row/column normalisations
             ) -> Tensor:
