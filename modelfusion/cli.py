@@ -164,7 +164,7 @@ def fuse(args) -> int:
     r = run_fuse(cfg, args.out, args.save_model, args.data_root, verbose=False if args.quiet else None)
     print(f"{r['method']} on model pool {r['pool']['name']} ({len(r['pool']['models'])} models), task pool {r['taskpool']['name']}")
     t = report_table(r)
-    if len(t.columns): print(t.to_string(float_format=lambda v: f"{v:.4f}"))
+    if len(t.columns) and t.notna().any().any(): print(t.to_string(float_format=lambda v: f"{v:.4f}"))
     else: print(json.dumps(r['results'], indent=1))
     for p in r.get('saved_models', []): print(f"saved {p}")
     print(f"wrote {r['out']}/report.json  ({r['timings']['total_s']:.1f} s)")
