@@ -25,14 +25,9 @@ __all__ = ['run_alignment', 'run_rebasin_mlp', 'format_table', 'run_task_merging
 
 # %% ../nbs/08_experiments.ipynb #31384c68
 def _matcher_kwargs(name: str, template, data: Data, n: int, seed: int) -> dict:
-    "Data arguments for the matchers that take them."
-    ps = MATCHERS[name].params(); kw = {}
-    if 'template' in ps: kw['template'] = template
-    if 'x' in ps: kw['x'] = data.x_train[:n]
-    if 'y' in ps: kw['y'] = data.y_train[:n]
-    if 'seed' in ps: kw['seed'] = seed
-    if 'device' in ps: kw['device'] = data.x_train.device
-    return kw
+    "Data arguments (and the seed) for the matchers that take them."
+    kw = matcher_inputs(name, template, data.x_train[:n], data.y_train[:n], data.x_train.device)
+    return {**kw, 'seed': seed} if 'seed' in MATCHERS[name].params() else kw
 
 def run_alignment(model: str='mlp', # registered model name
                   model_kw: dict|None=None, # its arguments, e.g. {'widths': [512, 512, 512]} or {'width': 2, 'norm': 'ln'}
@@ -162,7 +157,7 @@ def format_table(table: pd.DataFrame) -> str:
     return t.to_string()
 
 # %% ../nbs/08_experiments.ipynb #1ba20b3a
-from .pipeline import compose, fuse, task_data, ModelPool, TaskPool, _train_cfg, _template, ENTRY_KEYS
+from .pipeline import compose, fuse, task_data, ModelPool, TaskPool, _train_cfg
 
 def _slug(s: str) -> str: return ''.join(c if c.isalnum() or c in '._-' else '_' for c in s).strip('_')[:80]
 
@@ -203,9 +198,8 @@ def run_task_merging(modelpool: str|dict='mnist_mlp_tasks', # model pool config 
         pool = ModelPool.from_config(pool_cfg, root, first['device'], cache, verbose=False)
         entries = pool_cfg['models']
         mix = task_data({'mix': [e['task'] for e in entries]}, root, pool.device)
-        _, mcfg = _template(pool_cfg['model'], task_data(pool_cfg['data'], root, pool.device))
         tcfg = _train_cfg(pool_cfg.get('train'), entries[0].get('train'))
-        t = train(mcfg, mix, tcfg, 0, cache=cache, device=pool.device, verbose=verbose, init=pool.base)
+        t = train(pool.model_cfg, mix, tcfg, 0, cache=cache, device=pool.device, verbose=verbose, init=pool.base)
         tp = TaskPool.from_config(first['taskpool'], root, pool.device)
         rows['multi-task model (bound)'] = tp.evaluate(pool.template, t.state_dict)
         say(f"multi-task bound: average accuracy {100 * rows['multi-task model (bound)']['average']['acc']:.2f}% "

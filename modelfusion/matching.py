@@ -16,7 +16,7 @@ from .data import TensorLoader
 
 # %% auto #0
 __all__ = ['MATCHERS', 'MatchResult', 'apply_perm_axis', 'wm_objective', 'weight_matching', 'activation_stats',
-           'activation_matching', 'ste_matching', 'sinkhorn', 'sinkhorn_matching']
+           'activation_matching', 'ste_matching', 'sinkhorn', 'sinkhorn_matching', 'matcher_inputs']
 
 # %% ../nbs/05_matching.ipynb #15033a14
 @dataclass
@@ -352,3 +352,13 @@ def sinkhorn_matching(sds: list[StateDict], # [reference model A, model B]
         _, col = linear_sum_assignment(sinkhorn(z.detach() / tau, n_iter).cpu().double().numpy(), maximize=True)
         al[n] = Transform.perm(torch.as_tensor(col))
     return MatchResult([{}, al], {'time_s': time.time() - t0, 'steps': len(losses), 'losses': losses, 'loss': loss})
+
+# %% ../nbs/05_matching.ipynb #6a3189b8
+def matcher_inputs(name: str, # a name in MATCHERS
+                   template: torch.nn.Module|None=None, # a module of the architecture
+                   x: Tensor|None=None, y: Tensor|None=None, # calibration / training data
+                   device: str|torch.device|None=None, # where the matcher should compute
+                  ) -> dict:
+    "The data arguments (template, x, y, device) that matcher `name` declares, from those given."
+    ps = MATCHERS[name].params()
+    return {k: v for k, v in dict(template=template, x=x, y=y, device=device).items() if k in ps and v is not None}

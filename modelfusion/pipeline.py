@@ -17,7 +17,7 @@ from .data import Data, load_dataset, rotate, class_split
 from .models import MODELS, build_model
 from .training import TrainConfig, model_config, train, load_checkpoint, save_checkpoint
 from .trace import spec_for
-from .matching import MATCHERS
+from .matching import MATCHERS, matcher_inputs
 from .merging import align, recombine, reset_bn_stats, repair, weighted_average, interpolate
 from .taskvec import *
 from .evaluation import evaluate
@@ -50,6 +50,18 @@ def check_keys(d: dict, # a config mapping
     for k in d:
         if k not in known: raise ConfigError(f"unknown key '{k}' in {where}; known keys: {', '.join(sorted(known))}")
 
+def _leaf(ds, angle, classes, relabel, root, dev, allow_sample) -> Data:
+    "A registered data set, rotated and/or split, built once per process (every pool and task pool reuses it)."
+    key = (ds, angle or None, tuple(classes) if classes is not None else None, relabel and classes is not None, str(root), str(dev), allow_sample)
+    if key not in _LOADED:
+        if angle or classes is not None:
+            d = _leaf(ds, None, None, False, root, dev, allow_sample)
+            if angle: d = rotate(d, float(angle))
+            if classes is not None: d = class_split(d, classes, relabel)
+        else: d = load_dataset(ds, root, allow_sample, dev)
+        _LOADED[key] = d
+    return _LOADED[key]
+
 def task_data(task: dict, # {dataset, rotate, classes, relabel, n_train, n_test} or {mix: [task, ...]}
               root: str|Path|None=None, # data folder (else $MODELFUSION_DATA)
               device: str|torch.device|None='cpu', # where the tensors live
@@ -66,11 +78,7 @@ def task_data(task: dict, # {dataset, rotate, classes, relabel, n_train, n_test}
                  max(p.num_classes for p in parts), '; '.join(p.source for p in parts), parts[0].augment)
     else:
         if not task.get('dataset'): raise ConfigError(f"a task needs a 'dataset' (or 'mix'): {task!r}")
-        key = (task['dataset'], str(root), str(dev), allow_sample)
-        if key not in _LOADED: _LOADED[key] = load_dataset(task['dataset'], root, allow_sample, dev)
-        d = _LOADED[key]
-        if task.get('rotate'): d = rotate(d, float(task['rotate']))
-        if task.get('classes') is not None: d = class_split(d, task['classes'], bool(task.get('relabel')))
+        d = _leaf(task['dataset'], task.get('rotate'), task.get('classes'), bool(task.get('relabel')), root, dev, allow_sample)
     n_tr, n_te = task.get('n_train'), task.get('n_test')
     if n_tr or n_te:
         d = replace(d, name=f"{d.name}[:{n_tr or ''}/{n_te or ''}]", x_train=d.x_train[:n_tr], y_train=d.y_train[:n_tr],
@@ -112,6 +120,7 @@ class ModelPool:
     tasks: dict[str, Data]=field(default_factory=dict) # model name -> the data of its task
     name: str='' # the pool's name
     info: dict=field(default_factory=dict) # per model: where it came from, its training metrics
+    model_cfg: dict|None=None # the package model config (None for torchvision models): what training in this pool uses
     def __post_init__(self):
         if not self.models: raise ConfigError(f"model pool '{self.name}' is empty: it needs at least one model")
         names = ['the template', *(f"model '{n}'" for n in self.models)] + (['the base model'] if self.base is not None else [])
@@ -185,7 +194,7 @@ class ModelPool:
             elif e.get('task') or pdata is not None: tasks[n] = task_data(e['task'], root, dev) if e.get('task') else pdata
         if info_base: info['base'] = info_base
         return cls(models, template, {k: v.to(dev) for k, v in base.items()} if base is not None else None, tasks,
-                   cfg.get('name', ''), info)
+                   cfg.get('name', ''), info, mcfg)
 
 def check_modelpool(cfg: dict) -> None:
     "Check a model pool config's keys (raising `ConfigError` that names the bad key)."
@@ -193,8 +202,7 @@ def check_modelpool(cfg: dict) -> None:
     if not cfg.get('model'): raise ConfigError(f"model pool '{cfg.get('name', '?')}' needs a `model` (the architecture)")
     if not cfg.get('models'): raise ConfigError(f"model pool '{cfg.get('name', '?')}' has no models: `models` is empty")
     if not isinstance(cfg['models'], list): raise ConfigError("`models` must be a list of model entries")
-    for i, e in enumerate([cfg['base']] if cfg.get('base') else []):
-        check_keys(e, ENTRY_KEYS, 'the base model entry')
+    if cfg.get('base'): check_keys(cfg['base'], ENTRY_KEYS, 'the base model entry')
     for i, e in enumerate(cfg['models']):
         check_keys(e, ENTRY_KEYS, f"model entry {i} ({e.get('name', '?') if isinstance(e, dict) else e})")
         if e.get('task'): check_keys(_plain(e['task']), TASK_KEYS, f"the task of model entry {i}")
@@ -355,8 +363,7 @@ def align_pool(pool: ModelPool, # the models
     ps, spec = MATCHERS[matcher].params(), pool.spec()
     needs = any(k in ps for k in ('x', 'template'))
     d = _n(pool, ref, n_samples, f"{matcher} matching" if needs else f"fix='{fix}'") if needs or fix != 'none' else None
-    kw = {**({'template': pool.template} if 'template' in ps else {}), **({'x': d.x_train} if 'x' in ps else {}),
-          **({'y': d.y_train} if 'y' in ps else {}), **({'device': str(pool.device)} if 'device' in ps else {}), **matcher_kw}
+    kw = {**matcher_inputs(matcher, pool.template, d.x_train if d else None, d.y_train if d else None, str(pool.device)), **matcher_kw}
     A, aligned = pool.sds[ref], []
     for i, sd in enumerate(pool.sds):
         if i == ref: aligned.append(A); continue
