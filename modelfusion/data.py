@@ -232,10 +232,13 @@ def normalise(xtr: Tensor, xte: Tensor) -> tuple[Tensor, Tensor]:
     "uint8 images to float32, standardised per channel with the training split's statistics."
     xtr, xte = xtr.float().div_(255), xte.float().div_(255)
     dims = [0] + list(range(2, xtr.ndim))
-    mean, std = xtr.mean(dims, keepdim=True), xtr.std(dims, keepdim=True)
+    # statistics in float64, rounded to float32: a float32 reduction's last bit depends on the thread count, which
+    # would change the data's fingerprint (and every model-cache key) from one machine setting to the next
+    x64 = xtr.double()
+    mean, std = x64.mean(dims, keepdim=True).float(), x64.std(dims, keepdim=True).float()
     return (xtr - mean) / std, (xte - mean) / std
 
-# %% ../nbs/01_data.ipynb #b9ed1731
+# %% ../nbs/01_data.ipynb #aa35f00c
 DATASETS = Registry('data set')
 
 @DATASETS.register('mnist', paper='http://yann.lecun.com/exdb/mnist/')
@@ -268,7 +271,7 @@ def _digits(root=None, allow_sample=True):
     "scikit-learn's 1,797 8x8 digits (ships with scikit-learn)."
     return (*load_digits_data(), "scikit-learn digits")
 
-# %% ../nbs/01_data.ipynb #aa35f00c
+# %% ../nbs/01_data.ipynb #aeb47ad5
 def load_dataset(name: str, # a registered data set: mnist, fashion_mnist, cifar10, mnist_sample, digits
                  root: str|Path|None=None, # data folder; else $MODELFUSION_DATA
                  allow_sample: bool=False, # for mnist: fall back to the embedded sample when the files are missing
@@ -282,7 +285,7 @@ def load_dataset(name: str, # a registered data set: mnist, fashion_mnist, cifar
     return Data('mnist_sample' if sample else name, xtr, ytr, xte, yte, nc, src,
                 augment='crop_flip' if name == 'cifar10' else None).to(get_device(device))
 
-# %% ../nbs/01_data.ipynb #b6573cd3
+# %% ../nbs/01_data.ipynb #3793a881
 def rotate(data: Data, # a data set of images
            angle: float, # degrees, counter-clockwise
           ) -> Data:
@@ -294,7 +297,7 @@ def rotate(data: Data, # a data set of images
     return replace(data, name=f"{data.name}_rot{angle:g}", x_train=rot(data.x_train), x_test=rot(data.x_test),
                    source=f"{data.source}, rotated {angle:g} degrees")
 
-# %% ../nbs/01_data.ipynb #d93ebce2
+# %% ../nbs/01_data.ipynb #dc3e5a7e
 def class_split(data: Data, # a data set
                 classes: list[int], # the classes to keep
                 relabel: bool=False, # map the kept classes to 0..len(classes)-1
@@ -313,7 +316,7 @@ def class_split(data: Data, # a data set
                    x_train=xtr, y_train=ytr, x_test=xte, y_test=yte, num_classes=len(classes) if relabel else data.num_classes,
                    source=f"{data.source}, classes {classes}")
 
-# %% ../nbs/01_data.ipynb #ce3604fe
+# %% ../nbs/01_data.ipynb #b84bf0c0
 def dirichlet_split(y: Tensor, # labels of the data to split
                     n_parts: int, # number of parts (clients)
                     alpha: float, # Dirichlet concentration: small = very non-IID, large = near IID
@@ -333,7 +336,7 @@ def dirichlet_split(y: Tensor, # labels of the data to split
     else: raise ValueError(f"could not give every part {min_size} samples; lower min_size or raise alpha")
     return [torch.tensor(sorted(p), dtype=torch.long) for p in parts]
 
-# %% ../nbs/01_data.ipynb #ecb877b5
+# %% ../nbs/01_data.ipynb #1f7a804b
 def crop_flip(x: Tensor, # a batch (N, C, H, W)
               g: torch.Generator, # random generator on x's device
               pad: int=4, # zero padding before the random crop
@@ -349,7 +352,7 @@ def crop_flip(x: Tensor, # a batch (N, C, H, W)
     flip = torch.rand(n, generator=g, device=x.device) < 0.5
     return torch.where(flip[:, None, None, None], out.flip(3), out)
 
-# %% ../nbs/01_data.ipynb #840a0eb3
+# %% ../nbs/01_data.ipynb #862ef9ec
 class TensorLoader:
     "Mini-batches of (x, y) from tensors on the device, reshuffled each epoch by a seeded generator."
     def __init__(self, x: Tensor, # inputs (N, ...), already on the device
