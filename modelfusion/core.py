@@ -7,17 +7,17 @@ from __future__ import annotations
 import os, sys, json, math, random, hashlib, inspect, tempfile, platform, contextlib
 from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Callable, Any, Iterable
+from typing import Callable, Any, Iterable, Mapping
 import numpy as np
 import torch
 from torch import Tensor
 
 # %% auto #0
 __all__ = ['StateDict', 'ModelFusionError', 'IncompatibleModels', 'NonFiniteWeights', 'UnknownName', 'DataNotFound',
-           'CheckpointError', 'OutputNotWritable', 'clone_sd', 'is_float', 'check_finite', 'check_compatible',
-           'sd_combine', 'sd_lerp', 'seed_everything', 'get_device', 'autocast', 'Entry', 'Registry', 'ensure_dir',
-           'atomic_path', 'atomic_write_text', 'write_json', 'config_hash', 'file_sha256', 'versions', 'cache_dir',
-           'progress']
+           'CheckpointError', 'OutputNotWritable', 'NotAModel', 'clone_sd', 'is_float', 'as_sd', 'as_sds',
+           'check_finite', 'check_compatible', 'sd_combine', 'sd_lerp', 'seed_everything', 'get_device', 'autocast',
+           'Entry', 'Registry', 'ensure_dir', 'atomic_path', 'atomic_write_text', 'write_json', 'config_hash',
+           'file_sha256', 'versions', 'cache_dir', 'progress']
 
 # %% ../nbs/00_core.ipynb #eb75b8bd
 class ModelFusionError(Exception):
@@ -42,6 +42,9 @@ class CheckpointError(ModelFusionError, ValueError):
 class OutputNotWritable(ModelFusionError, PermissionError):
     "An output folder cannot be created or written."
 
+class NotAModel(ModelFusionError, TypeError):
+    "Something passed as a model that is neither an `nn.Module` nor a state dict."
+
 # %% ../nbs/00_core.ipynb #af18ec93
 StateDict = dict[str, Tensor]
 
@@ -53,6 +56,28 @@ def clone_sd(sd: StateDict, # a state dict
 def is_float(t: Tensor) -> bool:
     "Whether `t` holds floating-point values (integer buffers such as `num_batches_tracked` do not)."
     return t.is_floating_point() or t.is_complex()
+
+# %% ../nbs/00_core.ipynb #28849d3d
+def as_sd(model, # an `nn.Module`, a state dict, or a dict of tensors such as `dict(m.named_parameters())`
+          name: str='model', # how it is called in the error message
+         ) -> StateDict:
+    "The state dict of `model`: a module's `state_dict()`, or the mapping itself, as detached tensors (not copied)."
+    if isinstance(model, torch.nn.Module): return dict(model.state_dict())
+    if isinstance(model, Mapping):
+        bad = next((k for k, v in model.items() if not isinstance(v, Tensor)), None)
+        if bad is None: return {k: v.detach() for k, v in model.items()}
+        raise NotAModel(f"{name} is a mapping, but its entry '{bad}' is a {type(model[bad]).__name__}, not a tensor: "
+                        "pass an nn.Module or a state dict")
+    raise NotAModel(f"{name} must be an nn.Module or a state dict (a dict of tensors), got {type(model).__name__}")
+
+def as_sds(models, # a list of modules and/or state dicts
+           names: list[str]|None=None, # their names, for error messages
+          ) -> list[StateDict]:
+    "`as_sd` of every model of a list."
+    if isinstance(models, (torch.nn.Module, Mapping)):
+        raise NotAModel(f"expected a list of models, got a single {type(models).__name__}")
+    models = list(models); names = names or [f"model {i}" for i in range(len(models))]
+    return [as_sd(m, n) for m, n in zip(models, names)]
 
 # %% ../nbs/00_core.ipynb #293a532b
 def check_finite(sd: StateDict, # a state dict
