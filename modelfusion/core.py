@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #97a638e0
 from __future__ import annotations
-import os, sys, json, math, random, hashlib, inspect, tempfile, platform, contextlib
+import os, sys, json, math, random, shutil, hashlib, inspect, tempfile, platform, contextlib
 from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Callable, Any, Iterable, Mapping
@@ -16,8 +16,8 @@ from torch import Tensor
 __all__ = ['StateDict', 'ModelFusionError', 'IncompatibleModels', 'NonFiniteWeights', 'UnknownName', 'DataNotFound',
            'CheckpointError', 'OutputNotWritable', 'NotAModel', 'clone_sd', 'is_float', 'as_sd', 'as_sds',
            'check_finite', 'check_compatible', 'sd_combine', 'sd_lerp', 'seed_everything', 'get_device', 'autocast',
-           'Entry', 'Registry', 'ensure_dir', 'atomic_path', 'atomic_write_text', 'write_json', 'config_hash',
-           'file_sha256', 'versions', 'cache_dir', 'progress']
+           'Entry', 'Registry', 'ensure_dir', 'atomic_path', 'atomic_write_text', 'write_json', 'run_folder',
+           'config_hash', 'file_sha256', 'versions', 'cache_dir', 'progress_enabled', 'progress']
 
 # %% ../nbs/00_core.ipynb #eb75b8bd
 class ModelFusionError(Exception):
@@ -76,7 +76,8 @@ def as_sds(models, # a list of modules and/or state dicts
     "`as_sd` of every model of a list."
     if isinstance(models, (torch.nn.Module, Mapping)):
         raise NotAModel(f"expected a list of models, got a single {type(models).__name__}")
-    models = list(models); names = names or [f"model {i}" for i in range(len(models))]
+    models = list(models); names = list(names) if names is not None else [f"model {i}" for i in range(len(models))]
+    if len(names) != len(models): raise ValueError(f"{len(models)} models but {len(names)} names")
     return [as_sd(m, n) for m, n in zip(models, names)]
 
 # %% ../nbs/00_core.ipynb #293a532b
@@ -163,22 +164,34 @@ class Entry:
         return {n: p.default for n, p in inspect.signature(self.fn).parameters.items()}
 
 class Registry:
-    "Named entries of one kind (data sets, models, matchers, merges, ...)."
-    def __init__(self, kind: str): self.kind, self.entries = kind, {}
+    "Named entries of one kind (data sets, models, matchers, merges, ...), plus aliases (other names of an entry)."
+    def __init__(self, kind: str): self.kind, self.entries, self.aliases = kind, {}, {}
     def register(self, name: str, paper: str='', summary: str=''):
         "Decorator that registers a callable under `name`."
         def deco(fn):
-            if name in self.entries and self.entries[name].fn is not fn:
+            if (name in self.entries and self.entries[name].fn is not fn) or name in self.aliases:
                 raise ValueError(f"{self.kind} '{name}' is registered twice")
             self.entries[name] = Entry(name, fn, paper, summary or (inspect.getdoc(fn) or '').split('\n')[0])
             return fn
         return deco
+    def alias(self, alias: str, # another name, e.g. the one another library uses
+              name: str, # the registered name it stands for
+             ) -> None:
+        "Make `alias` another name of the entry `name`."
+        self[name]
+        if alias in self.entries or self.aliases.get(alias, name) != name: raise ValueError(f"{self.kind} '{alias}' is registered twice")
+        self.aliases[alias] = name
+    def resolve(self, name: str) -> str:
+        "The registered name behind `name` (itself, or the target of an alias)."
+        return self[name].name
     def __getitem__(self, name: str) -> Entry:
+        name = self.aliases.get(name, name)
         if name not in self.entries:
-            raise UnknownName(f"unknown {self.kind} '{name}'; known {self.kind}s: {', '.join(sorted(self.entries))}")
+            raise UnknownName(f"unknown {self.kind} '{name}'; known {self.kind}s: {', '.join(sorted(self.entries))}"
+                              + (f" (and aliases: {', '.join(sorted(self.aliases))})" if self.aliases else ''))
         return self.entries[name]
     def __call__(self, name: str, *args, **kwargs): return self[name].fn(*args, **kwargs)
-    def __contains__(self, name): return name in self.entries
+    def __contains__(self, name): return name in self.entries or name in self.aliases
     def __iter__(self): return iter(sorted(self.entries))
     def __len__(self): return len(self.entries)
     def __repr__(self): return f"Registry({self.kind}: {', '.join(self)})"
@@ -216,16 +229,42 @@ def atomic_write_text(path: str|Path, text: str) -> Path:
     return Path(path)
 
 def write_json(path: str|Path, obj: Any) -> Path:
-    "Write `obj` as indented JSON, atomically."
-    return atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + '\n')
+    "Write `obj` as indented strict JSON (NaN and Inf become `null`), atomically."
+    return atomic_write_text(path, json.dumps(_strict(obj), indent=2, default=_json_default, allow_nan=False) + '\n')
+
+def _strict(o):
+    "`o` with every non-finite float replaced by None (after the conversions of `_json_default`)."
+    if isinstance(o, dict): return {k: _strict(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)): return [_strict(v) for v in o]
+    if isinstance(o, (float, np.floating)): return float(o) if math.isfinite(o) else None
+    if isinstance(o, (Tensor, np.ndarray)) or hasattr(o, '__dataclass_fields__'): return _strict(_json_default(o))
+    return o
 
 def _json_default(o):
     if isinstance(o, (np.integer,)): return int(o)
     if isinstance(o, (np.floating,)): return float(o)
-    if isinstance(o, Tensor): return o.tolist()
+    if isinstance(o, (Tensor, np.ndarray)): return o.tolist()
     if isinstance(o, Path): return str(o)
     if hasattr(o, '__dataclass_fields__'): return {k: getattr(o, k) for k in o.__dataclass_fields__}
     raise TypeError(f"cannot write {type(o).__name__} as JSON")
+
+# %% ../nbs/00_core.ipynb #4af92c84
+@contextlib.contextmanager
+def run_folder(out: str|Path, # the run folder to (re)create
+              ):
+    "Yield a temporary folder; on success it replaces `out` as a whole, on failure (or Ctrl-C) it is removed."
+    out = Path(out).expanduser(); parent = ensure_dir(out.parent)
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f'.{out.name}.partial-'))
+    umask = os.umask(0); os.umask(umask); os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700 folders
+    try:
+        yield tmp
+        old = None
+        if out.exists():
+            old = Path(tempfile.mkdtemp(dir=parent, prefix=f'.{out.name}.old-')); os.replace(out, old/'run')
+        os.replace(tmp, out)
+        if old is not None: shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists(): shutil.rmtree(tmp, ignore_errors=True)
 
 # %% ../nbs/00_core.ipynb #1494af06
 def config_hash(obj: Any, # any JSON-serialisable configuration
@@ -255,10 +294,19 @@ def cache_dir(sub: str='', # a subfolder
     root = os.environ.get('MODELFUSION_CACHE') or Path.home()/'.cache'/'modelfusion'
     return Path(root).expanduser()/sub
 
+def progress_enabled() -> bool:
+    "Whether progress bars are shown: `MODELFUSION_PROGRESS` (0 or 1) if set, else when stderr is a terminal or in Jupyter."
+    env = os.environ.get('MODELFUSION_PROGRESS', '')
+    if env in ('0', '1'): return env == '1'
+    try:
+        if sys.stderr is not None and sys.stderr.isatty(): return True
+    except (AttributeError, ValueError): pass
+    return 'ipykernel' in sys.modules and type(getattr(sys.modules.get('IPython'), 'get_ipython', lambda: None)()).__name__ == 'ZMQInteractiveShell'
+
 def progress(it: Iterable, # what to iterate over
-             enable: bool|None=None, # None: on unless MODELFUSION_PROGRESS=0
+             enable: bool|None=None, # None: `progress_enabled()`
              **kwargs):
-    "A tqdm progress bar over `it`, silent in tests."
+    "A tqdm progress bar over `it`, shown only where someone can see it."
     from tqdm.auto import tqdm
-    if enable is None: enable = os.environ.get('MODELFUSION_PROGRESS', '1') != '0'
+    if enable is None: enable = progress_enabled()
     return tqdm(it, disable=not enable, **kwargs)

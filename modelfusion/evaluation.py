@@ -22,13 +22,16 @@ class Bound(nn.Module):
     "A module template bound to a state dict through `torch.func.functional_call`; the template is not modified."
     def __init__(self, template: nn.Module, sd: StateDict):
         super().__init__()
-        check_compatible([template.state_dict(), sd], ['the template', 'the state dict'])
-        dev = next(iter(template.state_dict().values())).device
-        self.template, self.sd = template, {k: v.to(dev) for k, v in sd.items()}
+        sd = as_sd(sd, 'the state dict'); tsd = template.state_dict()
+        check_compatible([tsd, sd], ['the template', 'the state dict'])
+        dev = next(iter(tsd.values())).device
+        # weights of another float dtype (an fp16, bf16 or float64 checkpoint) run in the template's dtype
+        self.template = template
+        self.sd = {k: v.to(dev, tsd[k].dtype) if is_float(v) and is_float(tsd[k]) else v.to(dev) for k, v in sd.items()}
     def forward(self, x): return torch.func.functional_call(self.template, self.sd, (x,), strict=True)
 
 def evaluate(template: nn.Module, # a module of the right architecture, on the evaluation device
-             sd: StateDict, # the weights to evaluate
+             sd: StateDict|nn.Module, # the weights to evaluate (a state dict or a module)
              x: Tensor, y: Tensor, # data on the template's device
              batch_size: int=4096, # samples per forward pass
             ) -> dict[str, float]:
@@ -49,7 +52,7 @@ def interpolation_curve(template: nn.Module, # module template on the evaluation
                        ) -> pd.DataFrame:
     "Loss and accuracy along (1-λ)θ_A + λθ_B: one row per (λ, split)."
     lams = lambdas(lams) if isinstance(lams, int) else list(lams)
-    check_compatible([sd_a, sd_b], ['model A', 'model B'])
+    sd_a, sd_b = as_sds([sd_a, sd_b], ['model A', 'model B']); check_compatible([sd_a, sd_b], ['model A', 'model B'])
     rows = []
     for lam in lams:
         sd = sd_lerp(sd_a, sd_b, lam)
@@ -78,6 +81,7 @@ def ensemble_eval(template: nn.Module, # module template
                   x: Tensor, y: Tensor, # evaluation data
                   batch_size: int=4096) -> dict[str, float]:
     "Loss and accuracy of the average of the members' softmax probabilities."
+    sds = as_sds(sds)
     if not sds: raise ValueError("an ensemble needs at least one model")
     bound = [Bound(template, sd).eval() for sd in sds]
     loss, correct = 0.0, 0
@@ -110,7 +114,7 @@ def plot_interpolation(curves: dict[str, pd.DataFrame], # label -> interpolation
 def lambda_slider(template: nn.Module, sd_a: StateDict, sd_b: StateDict, data: Data, split: str='test'):
     "An ipywidgets slider over λ that prints the interpolated model's loss and accuracy."
     import ipywidgets as W
-    x, y = data.split(split)
+    sd_a, sd_b = as_sds([sd_a, sd_b], ['model A', 'model B']); x, y = data.split(split)
     def show(lam=0.5):
         r = evaluate(template, sd_lerp(sd_a, sd_b, lam), x, y)
         print(f"λ={lam:.2f}  {split} loss {r['loss']:.4f}  accuracy {100*r['acc']:.2f}%")

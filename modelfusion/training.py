@@ -19,7 +19,7 @@ from .models import *
 
 # %% auto #0
 __all__ = ['TrainConfig', 'lr_factor', 'loss_acc', 'TrainingDiverged', 'model_config', 'fit', 'tensors_sha256', 'save_checkpoint',
-           'load_checkpoint', 'Trained', 'ModelCache', 'train']
+           'load_checkpoint', 'Trained', 'ModelCache', 'train', 'estimate_train_time']
 
 # %% ../nbs/03_training.ipynb #09c6bc61
 @dataclass(frozen=True)
@@ -154,12 +154,24 @@ def save_checkpoint(path: str|Path, # the .safetensors file to write
     write_json(_sidecar(path), meta)
     return path
 
+def _refuse_pickle(path: Path) -> None:
+    "Raise `CheckpointError` when `path` is a `torch.save` file (a zip archive or a raw pickle), which is never unpickled."
+    with open(path, 'rb') as f: head = f.read(4)
+    if head[:4] == b'PK\x03\x04' or head[:1] == b'\x80':
+        out = path.with_suffix('.safetensors') if path.suffix != '.safetensors' else path.with_name(path.stem + '_converted.safetensors')
+        raise CheckpointError(
+            f"{path} is a torch.save pickle, not a safetensors file; modelfusion never unpickles files (unpickling can run "
+            f"arbitrary code). If you trust it, convert it once: python -c \"import torch; from safetensors.torch import "
+            f"save_file; sd = torch.load('{path}', weights_only=True); sd = sd.get('state_dict', sd); "
+            f"save_file({{k: v.contiguous() for k, v in sd.items()}}, '{out}')\"")
+
 def load_checkpoint(path: str|Path, # a .safetensors file (written by save_checkpoint, or any safetensors file)
                     verify: bool=True, # check the tensors against the SHA-256 in the header
                    ) -> tuple[dict, dict]:
     "Read a checkpoint; raise `CheckpointError` when it is missing, truncated or corrupted."
     path = Path(path)
     if not path.exists(): raise CheckpointError(f"checkpoint {path} does not exist")
+    _refuse_pickle(path)
     try:
         with safe_open(str(path), 'pt') as f: header = f.metadata() or {}
         sd = load_file(str(path))
@@ -196,6 +208,7 @@ class ModelCache:
             warnings.warn(f"ignoring a damaged cache entry ({e}); the model will be trained again"); return None
         return Trained(sd, meta, True, p)
     def put(self, key: str, sd: dict, meta: dict) -> Path: return save_checkpoint(self.path(key), sd, meta)
+    def __contains__(self, key: str) -> bool: return self.path(key).exists()
     def __repr__(self): return f"ModelCache({self.root})"
 
 def train(model_cfg: dict, # model config (see `model_config`)
@@ -218,3 +231,27 @@ def train(model_cfg: dict, # model config (see `model_config`)
             **({'init_sha256': tensors_sha256(init)} if init is not None else {})}
     path = cache.put(key, sd, meta) if cache else None
     return Trained(sd, meta, False, path)
+
+# %% ../nbs/03_training.ipynb #1765217c
+def estimate_train_time(model_cfg: dict, # model config
+                        data: Data, # training data (its size and input shape)
+                        cfg: TrainConfig=TrainConfig(), # training config (epochs, batch size, optimiser)
+                        device: str|None=None, # None: CUDA when available
+                        steps: int=5, # timed training steps (after two warm-up steps); the median counts
+                       ) -> float:
+    "Seconds that `fit` will take, estimated from a few timed training steps on random batches of the data."
+    dev = get_device(device); model = build_model(model_cfg).to(dev).train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-6) if cfg.optimizer == 'sgd' else torch.optim.Adam(model.parameters(), lr=1e-6)
+    g = torch.Generator().manual_seed(0); bs = min(cfg.batch_size, len(data.x_train))
+    def step():
+        i = torch.randint(0, len(data.x_train), (bs,), generator=g)
+        xb, yb = data.x_train[i].to(dev), data.y_train[i].to(dev)
+        with autocast(dev, cfg.amp): loss = F.cross_entropy(model(xb).float(), yb)
+        opt.zero_grad(); loss.backward(); opt.step()
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == 'cuda' else (lambda: None)
+    times = []
+    for i in range(steps + 2):
+        t = time.perf_counter(); step(); sync()
+        if i >= 2: times.append(time.perf_counter() - t)
+    per_sample = sorted(times)[len(times) // 2] / bs
+    return per_sample * len(data.x_train) * (cfg.epochs + 0.5)  # + the final train/test evaluation, about half an epoch
