@@ -11,8 +11,8 @@ from .spec import *
 from .matching import *
 
 # %% auto #0
-__all__ = ['MERGES', 'weighted_average', 'interpolate', 'align', 'align_and_merge', 'reset_bn_stats', 'repair_points', 'repair',
-           'layers_of', 'recombine']
+__all__ = ['MERGES', 'weighted_average', 'interpolate', 'align', 'align_and_merge', 'reset_bn_stats', 'channel_dim',
+           'repair_points', 'repair', 'layers_of', 'recombine']
 
 # %% ../nbs/06_merging.ipynb #8d799b3a
 MERGES = Registry('merge')
@@ -22,6 +22,7 @@ def weighted_average(sds: list[StateDict], # state dicts in one common space
                      weights: list[float]|None=None, # one weight per model (normalised to sum 1); None: uniform
                     ) -> StateDict:
     "The (weighted) average of state dicts: uniform weights give model soups / simple averaging."
+    sds = as_sds(sds)
     if not sds: raise IncompatibleModels("nothing to merge: the list of models is empty")
     w = [1.0] * len(sds) if weights is None else [float(x) for x in weights]
     if len(w) != len(sds): raise ValueError(f"{len(sds)} models but {len(w)} weights")
@@ -33,6 +34,7 @@ def interpolate(sds: list[StateDict], # [model A, model B] in one common space
                 lam: float=0.5, # interpolation coefficient: 0 gives A, 1 gives B
                ) -> StateDict:
     "Linear interpolation (1-λ)·θ_A + λ·θ_B of two state dicts."
+    sds = as_sds(sds)
     if len(sds) != 2: raise ValueError(f"interpolation takes 2 models, got {len(sds)}")
     return sd_lerp(sds[0], sds[1], lam)
 
@@ -42,6 +44,7 @@ def align(sds: list[StateDict], # state dicts of one architecture
           alignments: list[Alignment], # one alignment per model (from a matcher)
          ) -> list[StateDict]:
     "Every model mapped into the common space."
+    sds = as_sds(sds)
     if len(sds) != len(alignments): raise ValueError(f"{len(sds)} models but {len(alignments)} alignments")
     return [apply(sd, spec, al) for sd, al in zip(sds, alignments)]
 
@@ -53,7 +56,7 @@ def align_and_merge(sds: list[StateDict], # state dicts of one architecture
                     **merge_kw, # the merge's parameters (e.g. lam=0.5, weights=[...])
                    ) -> tuple[StateDict, MatchResult]:
     "Match the models, map them into the common space and merge them; return the merged state dict and the match."
-    check_compatible(sds)
+    sds = as_sds(sds); check_compatible(sds)
     res = MATCHERS(matcher, sds, spec, **(matcher_kw or {}))
     return MERGES(merge, align(sds, spec, res.alignments), **merge_kw), res
 
@@ -66,6 +69,7 @@ def reset_bn_stats(template: nn.Module, # a module of the architecture (its own 
                   ) -> StateDict:
     "A copy of `sd` whose BatchNorm running means and variances are re-estimated on `x` (cumulative average)."
     import copy
+    sd = as_sd(sd)
     model = copy.deepcopy(template).to(x.device)
     model.load_state_dict(sd)
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -77,41 +81,56 @@ def reset_bn_stats(template: nn.Module, # a module of the architecture (its own 
 
 # %% ../nbs/06_merging.ipynb #009266dd
 _NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+def channel_dim(mod: nn.Module, # a layer: Linear, Conv, BatchNorm, GroupNorm or LayerNorm
+                after: nn.Module|None=None, # for a LayerNorm: the layer it follows
+               ) -> int:
+    "The dim of `mod`'s output that holds its channels: -1 (last) for `Linear`, 1 for convolutions, BatchNorm and GroupNorm."
+    if isinstance(mod, nn.LayerNorm): return channel_dim(after) if after is not None else -1
+    if isinstance(mod, nn.Linear): return -1
+    if isinstance(mod, (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.GroupNorm)): return 1
+    raise SpecError(f"no channel dim known for a {type(mod).__name__}")
 
 def repair_points(template: nn.Module, # the architecture
                   spec: Spec, # its spec (says which outputs are hidden feature spaces)
-                 ) -> list[str]:
-    "Module names whose outputs REPAIR corrects: each hidden Conv/Linear, or the norm right after it."
+                 ) -> dict[str, int]:
+    "Module names whose outputs REPAIR corrects (each hidden Conv/Linear, or the norm right after it), with their `channel_dim`."
     import torch.fx as fx
     try: gm = fx.symbolic_trace(template)
     except Exception as e:
         raise SpecError(f"REPAIR needs to trace {type(template).__name__} with torch.fx, which failed: {e}") from None
     hidden = {a.param for g in spec.groups.values() for a in g.axes if a.role == 'out' and a.dim == 0}
-    mods = dict(template.named_modules()); points = []
+    mods = dict(template.named_modules()); points = {}
     for n in gm.graph.nodes:
-        if n.op != 'call_module' or not isinstance(mods[n.target], (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)): continue
+        if n.op != 'call_module' or not isinstance(mods[n.target], _LAYER_TYPES): continue
         if f'{n.target}.weight' not in hidden: continue
         users = list(n.users)
         nxt = users[0] if len(users) == 1 and users[0].op == 'call_module' and isinstance(mods[users[0].target], _NORM_TYPES) else None
-        points.append(nxt.target if nxt is not None else n.target)
+        p = nxt.target if nxt is not None else n.target
+        points[p] = channel_dim(mods[p], after=mods[n.target])
     return points
 
-def _channel_stats(y: Tensor) -> tuple[Tensor, Tensor, int]:
-    "Per-channel sum and sum of squares (channels on dim 1, or last for 2-D), and the count."
-    y = (y.movedim(1, -1) if y.ndim > 2 else y).reshape(-1, y.shape[1] if y.ndim > 2 else y.shape[-1]).double()
+# %% ../nbs/06_merging.ipynb #9809f569
+def _channel_stats(y: Tensor, d: int) -> tuple[Tensor, Tensor, int]:
+    "Per-channel sum and sum of squares of `y` (channels on dim `d`, every other dim pooled), and the count."
+    y = y.movedim(d, -1).reshape(-1, y.shape[d]).double()
     return y.sum(0), (y * y).sum(0), len(y)
 
-def _bcast(v: Tensor, y: Tensor) -> Tensor: return v.view(1, -1, *([1] * (y.ndim - 2))) if y.ndim > 2 else v
+def _bcast(v: Tensor, y: Tensor, d: int) -> Tensor:
+    "The per-channel vector `v` shaped to broadcast against `y` (channels on dim `d`)."
+    shape = [1] * y.ndim; shape[d] = -1
+    return v.view(shape)
 
 @torch.no_grad()
-def _point_stats(template: nn.Module, sd: StateDict, points: list[str], x: Tensor, batch_size: int) -> dict[str, tuple[Tensor, Tensor]]:
-    "Per-channel mean and std at each point of the model `sd` in eval mode."
+def _point_stats(template: nn.Module, sd: StateDict, points: dict[str, int], x: Tensor, batch_size: int) -> dict[str, tuple[Tensor, Tensor]]:
+    "Per-channel mean and std at each point (name: channel dim) of the model `sd` in eval mode."
     import copy
     m = copy.deepcopy(template).to(x.device); m.load_state_dict(sd); m.eval()
     acc, hooks = {}, []
-    for p in points:
-        def hook(mod, inp, out, p=p):
-            s, q, n = _channel_stats(out); a = acc.setdefault(p, [0, 0, 0]); a[0] += s; a[1] += q; a[2] += n
+    for p, d in points.items():
+        def hook(mod, inp, out, p=p, d=d):
+            s, q, n = _channel_stats(out, d); a = acc.setdefault(p, [0, 0, 0]); a[0] += s; a[1] += q; a[2] += n
         hooks.append(m.get_submodule(p).register_forward_hook(hook))
     try:
         for i in range(0, len(x), batch_size): m(x[i:i + batch_size])
@@ -120,6 +139,11 @@ def _point_stats(template: nn.Module, sd: StateDict, points: list[str], x: Tenso
     return {p: (s / n, (q / n - (s / n) ** 2).clamp_min(0).sqrt()) for p, (s, q, n) in acc.items()}
 
 # %% ../nbs/06_merging.ipynb #12c218df
+def _fuse_axis(mod: nn.Module, w: Tensor, d: int, ndim: int) -> int:
+    "The axis of the point's parameter `w` that indexes the output channels (on dim `d` of an `ndim`-dim output)."
+    if isinstance(mod, nn.LayerNorm): return d - (ndim - w.ndim)  # its affine covers the trailing dims of the output
+    return 0  # weights' rows (Linear, Conv), per-channel affines (BatchNorm, GroupNorm)
+
 @torch.no_grad()
 def repair(template: nn.Module, # the architecture (its own weights are not used)
            spec: Spec, # its spec
@@ -132,6 +156,7 @@ def repair(template: nn.Module, # the architecture (its own weights are not used
           ) -> StateDict:
     "REPAIR: rescale the merged model's channels to the interpolated endpoint statistics, fused into its weights."
     import copy
+    sd_a, sd_b, sd_merged = as_sds([sd_a, sd_b, sd_merged], ['model A', 'model B', 'the merged model'])
     check_compatible([sd_a, sd_b, sd_merged], ['model A', 'model B', 'the merged model'])
     points = repair_points(template, spec)
     sa, sb = _point_stats(template, sd_a, points, x, batch_size), _point_stats(template, sd_b, points, x, batch_size)
@@ -139,14 +164,15 @@ def repair(template: nn.Module, # the architecture (its own weights are not used
     m = copy.deepcopy(template).to(x.device); m.load_state_dict(sd_merged); m.eval()
     bns = [b for b in m.modules() if isinstance(b, nn.modules.batchnorm._BatchNorm)]
     for b in bns: b.reset_running_stats(); b.momentum = None; b.train()  # re-estimated in the same pass
-    acc, hooks = {}, []
-    for p in points:
-        def hook(mod, inp, out, p=p):  # correct with batch statistics, accumulate the uncorrected ones
-            s, q, n = _channel_stats(out); a = acc.setdefault(p, [0, 0, 0]); a[0] += s; a[1] += q; a[2] += n
-            y = out.double(); dims = [0] + list(range(2, y.ndim))
+    acc, ndims, hooks = {}, {}, []
+    for p, d in points.items():
+        def hook(mod, inp, out, p=p, d=d):  # correct with batch statistics, accumulate the uncorrected ones
+            s, q, n = _channel_stats(out, d); a = acc.setdefault(p, [0, 0, 0]); a[0] += s; a[1] += q; a[2] += n
+            ndims[p] = out.ndim
+            y = out.double(); dims = [i for i in range(y.ndim) if i != d % y.ndim]
             mu, sd = y.mean(dims), y.std(dims, unbiased=False)
             mt, st = target[p]
-            return ((y - _bcast(mu, y)) / _bcast(sd + eps, y) * _bcast(st, y) + _bcast(mt, y)).to(out.dtype)
+            return ((y - _bcast(mu, y, d)) / _bcast(sd + eps, y, d) * _bcast(st, y, d) + _bcast(mt, y, d)).to(out.dtype)
         hooks.append(m.get_submodule(p).register_forward_hook(hook))
     try:
         for i in range(0, len(x), batch_size): m(x[i:i + batch_size])
@@ -156,15 +182,19 @@ def repair(template: nn.Module, # the architecture (its own weights are not used
     # fuse y -> (y - mu_m) * s + mu_t into the point's own affine parameters, with the statistics of the
     # calibration pass (each measured with all earlier layers already corrected)
     out = {k: v.detach().clone() for k, v in m.state_dict().items()}
-    for p in points:
+    for p, d in points.items():
         sm, qm, n = acc[p]; mu_m = sm / n; sd_m = (qm / n - mu_m ** 2).clamp_min(0).sqrt(); mu_t, sd_t = target[p]
         s = (sd_t / (sd_m + eps))
-        w = f'{p}.weight'; b = f'{p}.bias'
-        if b not in out:
-            raise SpecError(f"REPAIR cannot fuse into '{p}': it has no bias (or affine norm) to absorb the shift")
-        shape = [-1] + [1] * (out[w].ndim - 1)
-        out[w] = (out[w].double() * s.view(shape)).to(out[w].dtype)
-        out[b] = ((out[b].double() - mu_m) * s + mu_t).to(out[b].dtype)
+        w = f'{p}.weight'; b = f'{p}.bias'; mod = m.get_submodule(p)
+        if b not in out or w not in out:
+            raise SpecError(f"REPAIR cannot fuse into '{p}': it has no weight and bias (or affine norm) to absorb the correction")
+        for k, shift in ((w, False), (b, True)):
+            ax = _fuse_axis(mod, out[k], d % ndims[p], ndims[p])
+            if not 0 <= ax < out[k].ndim or out[k].shape[ax] != len(s):
+                raise SpecError(f"REPAIR cannot fuse {len(s)} channel corrections into '{k}' of shape {tuple(out[k].shape)}")
+            shape = [1] * out[k].ndim; shape[ax] = -1
+            v = out[k].double()
+            out[k] = (((v - mu_m.view(shape)) if shift else v) * s.view(shape) + (mu_t.view(shape) if shift else 0)).to(out[k].dtype)
     check_finite(out, 'the repaired model')
     return out
 
@@ -172,7 +202,7 @@ def repair(template: nn.Module, # the architecture (its own weights are not used
 def layers_of(sd: StateDict, # a state dict
              ) -> dict[str, list[str]]:
     "State-dict keys grouped by the module that owns them (a layer's weight, bias and buffers move together)."
-    out: dict[str, list[str]] = {}
+    sd = as_sd(sd); out: dict[str, list[str]] = {}
     for k in sd: out.setdefault(k.rsplit('.', 1)[0] if '.' in k else k, []).append(k)
     return out
 
@@ -180,6 +210,7 @@ def recombine(sds: list[StateDict], # K state dicts of one architecture
               seed: int=0, # seed of the per-layer permutations
              ) -> tuple[list[StateDict], dict[str, list[int]]]:
     "FedMR recombination: K new models; at every layer, new model j takes the layer of source `sources[layer][j]`."
+    sds = as_sds(sds)
     if len(sds) < 2: raise ValueError(f"recombination needs at least 2 models, got {len(sds)}")
     check_compatible(sds)
     g = torch.Generator().manual_seed(seed)

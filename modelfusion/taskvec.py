@@ -21,13 +21,19 @@ def _is_stat(k: str) -> bool: return k.endswith(('running_mean', 'running_var', 
 def delta_keys(sd: StateDict, # a state dict
               ) -> list[str]:
     "The keys that task-vector methods merge: floating-point entries that are not BatchNorm statistics."
+    sd = as_sd(sd)
     return [k for k, v in sd.items() if is_float(v) and not _is_stat(k)]
+
+def _as_models(sds, base):
+    "`as_sds` of the models and `as_sd` of the base (None stays None: `check_base` explains it)."
+    return as_sds(sds), (None if base is None else as_sd(base, 'the base model'))
 
 def check_base(sds: list[StateDict], # fine-tuned models
                base: StateDict|None, # the model they were fine-tuned from
                method: str='this method', # for the error message
               ) -> None:
     "Raise unless `base` is given and it and `sds` share one architecture (and are finite)."
+    sds, base = _as_models(sds, base)
     if base is None:
         raise ValueError(f"{method} needs a base model: the pretrained weights the models were fine-tuned from "
                          "(pass base=..., or give the model pool a `base` entry)")
@@ -39,6 +45,7 @@ def task_vectors(sds: list[StateDict], # fine-tuned models
                  method: str='task vectors', # the caller, for error messages
                 ) -> list[StateDict]:
     "τᵢ = θᵢ − θ₀ on the `delta_keys` (in float32)."
+    sds, base = _as_models(sds, base)
     check_base(sds, base, method)
     return [{k: sd[k].float() - base[k].float() for k in delta_keys(base)} for sd in sds]
 
@@ -47,6 +54,7 @@ def from_delta(base: StateDict, # the base model
                sds: list[StateDict], # the models (their BatchNorm statistics are averaged)
               ) -> StateDict:
     "θ₀ + δ on the merged keys; BatchNorm statistics averaged over `sds`; integer buffers from the base."
+    sds, base = _as_models(sds, base)
     out = {}
     for k, v in base.items():
         if k in delta: out[k] = (v.float() + delta[k]).to(v.dtype)
@@ -65,6 +73,7 @@ def task_arithmetic(sds: list[StateDict], # models fine-tuned from `base`
                     lam: float=0.3, # scaling λ of the summed task vectors
                    ) -> StateDict:
     "Task arithmetic (Ilharco et al., 2023): θ₀ + λ Σᵢ (θᵢ − θ₀)."
+    sds, base = _as_models(sds, base)
     return _ta(task_vectors(sds, base, 'task arithmetic'), base, sds, lam)
 
 def _ta(tv, base, sds, lam=0.3):  # on task vectors (DARE reuses it)
@@ -89,6 +98,7 @@ def ties_merging(sds: list[StateDict], # models fine-tuned from `base`
                  merge_func: str='mean', # disjoint merge: 'mean' (paper), 'sum' or 'max'
                 ) -> StateDict:
     "TIES-merging (Yadav et al., 2023): trim to the top-k%, elect a sign per entry, merge the agreeing entries."
+    sds, base = _as_models(sds, base)
     return _ties(task_vectors(sds, base, 'TIES-merging'), base, sds, k, lam, merge_func)
 
 def _ties(tv, base, sds, k=0.2, lam=1.0, merge_func='mean'):  # on task vectors (DARE reuses it)
@@ -132,10 +142,39 @@ def dare(sds: list[StateDict], # models fine-tuned from `base`
          **merge_kw, # the merge's parameters (lam; k and merge_func for TIES)
         ) -> StateDict:
     "DARE (Yu et al., 2024): randomly drop task-vector entries, rescale the rest, then merge."
+    sds, base = _as_models(sds, base)
     if merge not in _DARE_BASES: raise UnknownName(f"unknown DARE merge '{merge}'; known: {', '.join(_DARE_BASES)}")
     g = torch.Generator().manual_seed(seed)
     tvs = [dare_sparsify(t, p, g, rescale) for t in task_vectors(sds, base, 'DARE')]
     return _DARE_BASES[merge](tvs, base, sds, **merge_kw)
+
+# %% ../nbs/06a_taskvec.ipynb #b660413d
+def _tied_names(model: nn.Module) -> dict[str, str]:
+    "Every second (third, ...) name of a parameter held by several modules, mapped to its first name."
+    first, out = {}, {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first: out[n] = first[id(p)]
+        else: first[id(p)] = n
+    return out
+
+def _outer_product_layers(template, lins, params, buffers, xp, ins, outs, calls) -> list[str]:
+    "The Linear layers (of `lins`) whose per-sample gradient is one outer product g·aᵀ, found by a forward pass on `xp`."
+    from torch.func import functional_call
+    ins.clear(); outs.clear(); calls.clear()
+    logits = functional_call(template, {**params, **buffers}, (xp,)).float()  # the hooks count each layer's calls
+    tn = _tied_names(template); tied = set(tn) | set(tn.values())
+    ks = {n: [f'{n}.{w}' for w in ('weight', 'bias') if f'{n}.{w}' in params] for n in lins}
+    cand = [n for n in lins if calls.get(n) == 1 and n in ins and outs[n].requires_grad and not tied & set(ks[n])]
+    if not cand: return []
+    # the outer products must add up to the parameters' whole gradient (else a weight is also used elsewhere)
+    r = torch.randn(logits.shape, generator=torch.Generator().manual_seed(0)).to(logits.device)
+    gs = torch.autograd.grad((logits * r).sum(), [outs[n] for n in cand] + [params[k] for n in cand for k in ks[n]], allow_unused=True)
+    gp, fast = iter(gs[len(cand):]), []
+    for n, g in zip(cand, gs[:len(cand)]):
+        ref, got = [next(gp) for _ in ks[n]], [g.T @ ins[n], g.sum(0)]
+        if all(a is not None and torch.allclose(a, b, rtol=1e-3, atol=1e-5 * b.abs().max().item() + 1e-12) for a, b in zip(ref, got)):
+            fast.append(n)
+    return fast
 
 # %% ../nbs/06a_taskvec.ipynb #d7161e9d
 def fisher_diag(template: nn.Module, # a module of the architecture (its own weights are not used)
@@ -150,26 +189,31 @@ def fisher_diag(template: nn.Module, # a module of the architecture (its own wei
     if fisher_type not in ('expected', 'empirical'): raise UnknownName(f"unknown fisher_type '{fisher_type}'; known: empirical, expected")
     if fisher_type == 'empirical' and y is None: raise ValueError("the empirical Fisher needs the labels y")
     if len(x) == 0: raise ValueError("the Fisher needs at least one sample")
+    sd = as_sd(sd, 'the model')
     check_compatible([template.state_dict(), sd], ['the template', 'the model'])
     dev = x.device
-    names = [n for n, _ in template.named_parameters()]
+    names = [n for n, _ in template.named_parameters()]  # one name per parameter: a tied weight appears once
+    aliases = {n: m for n, m in _tied_names(template).items() if m in names}  # its other names
     params = {n: sd[n].detach().to(dev).float().requires_grad_() for n in names}
-    buffers = {k: v.to(dev) for k, v in sd.items() if k not in params}
+    buffers = {k: v.to(dev) for k, v in sd.items() if k not in params and k not in aliases}
     # Linear layers applied once per sample (2-D input): a per-sample gradient is the outer product g·aᵀ of the output
-    # gradient and the input, so Σₙ (gₙaₙᵀ)² = (g²)ᵀ(a²): exact, from one ordinary backward pass per class
-    lins, ins, outs, capture = {}, {}, {}, [True]
+    # gradient and the input, so Σₙ (gₙaₙᵀ)² = (g²)ᵀ(a²): exact, from one ordinary backward pass per class. A layer
+    # called twice (weight sharing) has the per-sample gradient Σ_calls g·aᵀ, whose square is not a sum of squares:
+    # such layers, and weights used anywhere else, take the per-sample (vmap) path.
+    lins, ins, outs, calls, capture = {}, {}, {}, {}, [True]
     for n, m in template.named_modules():
         if isinstance(m, nn.Linear) and f'{n}.weight' in params: lins[n] = m
     def hook(n):
         def f(mod, inp, out):
-            if capture[0] and inp[0].ndim == 2: ins[n], outs[n] = inp[0].detach(), out
+            if not capture[0]: return
+            calls[n] = calls.get(n, 0) + 1
+            if inp[0].ndim == 2: ins[n], outs[n] = inp[0].detach(), out
         return f
     hooks = [m.register_forward_hook(hook(n)) for n, m in lins.items()]
     fis = {n: torch.zeros_like(p, requires_grad=False) for n, p in params.items()}
     was = template.training; template.eval()
     try:
-        with torch.no_grad(): functional_call(template, {**params, **buffers}, (x[:2],))  # which Linear layers get 2-D inputs
-        fast = [n for n in lins if n in ins]
+        fast = _outer_product_layers(template, lins, params, buffers, x[:16], ins, outs, calls)
         fast_keys = {f'{n}.{w}' for n in fast for w in ('weight', 'bias') if f'{n}.{w}' in params}
         slow = [n for n in names if n not in fast_keys]  # everything else: per-sample gradients with vmap
         def logp(p, xi, c, w):  # w·log p(c|x) for one sample; w = sqrt(p_c) makes the square come out as p_c·(∇log p_c)²
@@ -177,8 +221,10 @@ def fisher_diag(template: nn.Module, # a module of the architecture (its own wei
             return w * F.log_softmax(out.float(), -1)[0].gather(0, c.view(1))[0]
         g1 = vmap(grad(logp), in_dims=(None, 0, 0, 0))
         for i in range(0, len(x), batch_size):
-            xb = x[i:i + batch_size]; ins.clear(); outs.clear()
+            xb = x[i:i + batch_size]; ins.clear(); outs.clear(); calls.clear()
             logits = functional_call(template, {**params, **buffers}, (xb,)).float()
+            if any(calls.get(n) != 1 or n not in ins for n in fast):
+                raise RuntimeError("fisher_diag: a Linear layer was called a different number of times than in the first batch")
             lp = F.log_softmax(logits, -1); prob = lp.detach().exp()
             pairs = [(y[i:i + batch_size], torch.ones(len(xb), device=dev))] if fisher_type == 'empirical' else \
                     [(torch.full((len(xb),), c, device=dev), prob[:, c].sqrt()) for c in range(prob.shape[1])]
@@ -198,7 +244,8 @@ def fisher_diag(template: nn.Module, # a module of the architecture (its own wei
     finally:
         for h in hooks: h.remove()
         template.train(was)
-    return {n: (f / len(x)).cpu() for n, f in fis.items()}
+    out = {n: (f / len(x)).cpu() for n, f in fis.items()}
+    return {**out, **{a: out[n] for a, n in aliases.items()}}  # a tied weight's Fisher under each of its names
 
 def fisher_merging(sds: list[StateDict], # models of one architecture (one common space)
                    fishers: list[StateDict], # their diagonal Fishers (`fisher_diag`)
@@ -206,7 +253,7 @@ def fisher_merging(sds: list[StateDict], # models of one architecture (one commo
                    eps: float=1e-8, # Fisher floor, added to every entry
                   ) -> StateDict:
     "Fisher merging (Matena & Raffel, 2022): Σᵢ λᵢFᵢθᵢ / Σᵢ λᵢFᵢ per entry; entries without a Fisher are averaged."
-    check_compatible(sds)
+    sds = as_sds(sds); check_compatible(sds)
     if len(fishers) != len(sds): raise ValueError(f"{len(sds)} models but {len(fishers)} Fishers")
     w = [1.0] * len(sds) if weights is None else [float(v) for v in weights]
     if len(w) != len(sds) or any(v < 0 for v in w) or sum(w) <= 0: raise ValueError(f"need {len(sds)} non-negative weights, got {w}")
@@ -226,6 +273,7 @@ def regmean_grams(template: nn.Module, # a module of the architecture (its own w
                  ) -> dict[str, Tensor]:
     "Per `nn.Linear` weight key: the Gram matrix XᵀX/n of the layer's inputs (float64, CPU)."
     from torch.func import functional_call
+    sd = as_sd(sd, 'the model')
     check_compatible([template.state_dict(), sd], ['the template', 'the model'])
     lin = {n: m for n, m in template.named_modules() if isinstance(m, nn.Linear)}
     grams, hooks, n = {}, [], 0
@@ -251,7 +299,7 @@ def regmean_merging(sds: list[StateDict], # models of one architecture
                     ridge: float=1e-6, # added to the summed Gram's diagonal, relative to its mean diagonal
                    ) -> StateDict:
     "RegMean (Jin et al., 2023): each linear weight W* = (Σ Gᵢ)⁻¹ Σ Gᵢ Wᵢ; everything else averaged."
-    check_compatible(sds)
+    sds = as_sds(sds); check_compatible(sds)
     if len(grams) != len(sds): raise ValueError(f"{len(sds)} models but {len(grams)} sets of Gram matrices")
     if not 0 <= alpha <= 1: raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     out = weighted_average(sds)
