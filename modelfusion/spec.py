@@ -4,19 +4,25 @@
 
 # %% ../nbs/04_spec.ipynb #965d5629
 from __future__ import annotations
+import warnings
 from dataclasses import dataclass, field
 from typing import NamedTuple
+from collections.abc import Mapping
 import torch
 from torch import nn, Tensor
 from .core import *
 from .models import MLP
 
 # %% auto #0
-__all__ = ['Alignment', 'SpecError', 'Axis', 'Group', 'Spec', 'mlp_spec', 'Transform', 'apply', 'random_alignment', 'verify_spec']
+__all__ = ['Alignment', 'SpecError', 'SpecWarning', 'Axis', 'Group', 'Spec', 'mlp_spec', 'Transform', 'apply', 'random_alignment',
+           'verify_spec']
 
 # %% ../nbs/04_spec.ipynb #6fde6bb7
 class SpecError(ModelFusionError, ValueError):
     "A spec that does not describe its model: wrong shapes, unknown tensors, or a symmetry that changes outputs."
+
+class SpecWarning(UserWarning):
+    "A spec that is valid but does less than it could: feature spaces held fixed for lack of a rule, or nothing to verify."
 
 class Axis(NamedTuple):
     "One place where a feature space appears: `param`'s dimension `dim`, written ('out') or read ('in')."
@@ -38,8 +44,9 @@ class Group:
 
 @dataclass(frozen=True)
 class Spec:
-    "The transformable feature spaces of an architecture."
+    "The transformable feature spaces of an architecture, and the spaces kept fixed (name -> why)."
     groups: dict[str, Group]
+    fixed: dict[str, str] = field(default_factory=dict)  # spaces a layer writes that are not groups, with the reason
     def by_param(self) -> dict[str, list[tuple[str, Axis]]]:
         "For each parameter, the (group name, axis) pairs that touch it."
         out = {}
@@ -48,8 +55,8 @@ class Spec:
         return out
     def check(self, sd: StateDict, # a state dict the spec should describe
               name: str='model') -> None:
-        "Raise `SpecError` unless every axis of the spec exists in `sd` with the group's size."
-        bp = self.by_param()
+        "Raise `SpecError` unless every axis of the spec exists in `sd` (a state dict or a module) with the group's size."
+        sd = as_sd(sd, name); bp = self.by_param()
         for g in self.groups.values():
             seen = set()
             for a in g.axes:
@@ -66,7 +73,8 @@ class Spec:
                                     + (f" at offset {a.offset}" if a.offset else '') + f" on dim {a.dim}, "
                                     f"but {name}'s tensor has shape {tuple(t.shape)}")
     def __repr__(self):
-        return f"Spec({len(self.groups)} groups: " + ', '.join(f"{g.name}[{g.size}]" for g in self.groups.values()) + ')'
+        fixed = ''.join(f" | fixed {n}: {why}" for n, why in self.fixed.items())
+        return f"Spec({len(self.groups)} groups: " + ', '.join(f"{g.name}[{g.size}]" for g in self.groups.values()) + fixed + ')'
 
 # %% ../nbs/04_spec.ipynb #e07091c8
 _NORMS_1D = (nn.BatchNorm1d, nn.LayerNorm)
@@ -86,7 +94,7 @@ def mlp_spec(model: MLP, # an MLP (any widths, any norm)
             cur[2].extend(Axis(f'{p}.{n}', 0, 'out') for n in names if n in dict(m.named_parameters()) | dict(m.named_buffers()))
         elif not isinstance(m, (nn.ReLU, nn.Identity, nn.Dropout)):
             raise SpecError(f"mlp_spec does not know layer '{p}' ({type(m).__name__}); write the spec by hand")
-    return Spec(groups)
+    return Spec(groups, {cur[0]: "the network's output"} if cur else {})
 
 # %% ../nbs/04_spec.ipynb #700c35d1
 @dataclass(frozen=True)
@@ -144,13 +152,17 @@ def _apply_axis(w: Tensor, a: Axis, t: Transform, n: int) -> Tensor:
     x = torch.einsum('kn,nbr->kbr', A.to(w.device), x)
     return x.reshape(len(A) * b, *rest).movedim(0, d).to(w.dtype)
 
-def apply(sd: StateDict, # a state dict
+def _state(sd, name: str='model') -> StateDict:
+    "`as_sd(sd)`, except that a dict's own tensors are kept (not detached), so gradients can flow through `apply`."
+    d = as_sd(sd, name)
+    return d if isinstance(sd, nn.Module) else dict(sd)
+
+def apply(sd: StateDict|nn.Module, # a state dict (or a module, whose state dict is used)
           spec: Spec, # its architecture's spec
           alignment: Alignment, # group name -> transform (groups left out stay as they are)
          ) -> StateDict:
     "Map `sd` into the common space of `alignment`. Returns a new state dict; `sd` is not modified."
-    spec.check(sd)
-    out = dict(sd)
+    out = _state(sd); spec.check(out)
     for name, t in alignment.items():
         if name not in spec.groups: raise SpecError(f"alignment names group '{name}', which the spec does not have; groups: {list(spec.groups)}")
         g = spec.groups[name]
@@ -166,6 +178,14 @@ def random_alignment(spec: Spec, # the spec
     g = torch.Generator().manual_seed(seed)
     return {n: Transform.perm(torch.randperm(grp.size, generator=g)) for n, grp in spec.groups.items()}
 
+def _need_module(model, fn: str, # the function that needs it
+                 why: str, # what it does with the module
+                 todo: str="build the model and load the state dict into it") -> None:
+    "Raise `NotAModel` unless `model` is an `nn.Module`: `fn` has to run it, which a state dict cannot do."
+    if isinstance(model, nn.Module): return
+    got = "a state dict only has the weights" if isinstance(model, Mapping) else f"got a {type(model).__name__}"
+    raise NotAModel(f"{fn} needs the model as an nn.Module ({why}); {got} — {todo}")
+
 @torch.no_grad()
 def verify_spec(model: nn.Module, # the model the spec describes
                 spec: Spec, # the spec to check
@@ -174,6 +194,12 @@ def verify_spec(model: nn.Module, # the model the spec describes
                 rtol: float=1e-4, atol: float=1e-4, # tolerances on the outputs
                ) -> None:
     "Raise `SpecError` naming the first group whose random permutation changes the model's outputs."
+    _need_module(model, 'verify_spec', 'to run it')
+    if not spec.groups:  # nothing to permute: passing would prove nothing, so say so
+        spec.check(model)
+        warnings.warn("verify_spec checked nothing: the spec has no groups, so no permutation was tried"
+                      + (f" (fixed: {', '.join(spec.fixed)})" if spec.fixed else ''), SpecWarning, stacklevel=2)
+        return
     was_training = model.training; model.eval()
     try:
         sd = model.state_dict(); spec.check(sd)

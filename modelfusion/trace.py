@@ -4,7 +4,7 @@
 
 # %% ../nbs/04a_trace.ipynb #70956346
 from __future__ import annotations
-import math, operator, inspect
+import math, operator, inspect, io, os, sys, contextlib, linecache, warnings
 from dataclasses import dataclass
 import torch
 from torch import nn, Tensor
@@ -13,10 +13,12 @@ import torch.fx as fx
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from .core import *
 from .spec import *
+from .spec import _need_module
 from .models import MLP
 
 _HAND = ("Write the spec by hand instead and pass spec=Spec(...) (see `mlp_spec` for an example), "
          "then check it with verify_spec(model, spec, x).")
+_NO_SD = "build the model and load the state dict into it, or write the spec by hand"
 
 # %% auto #0
 __all__ = ['INV', 'trace_spec', 'spec_for']
@@ -122,25 +124,31 @@ def _prod(xs) -> int: return math.prod(int(x) for x in xs)
 # %% ../nbs/04a_trace.ipynb #e63ab8ab
 class _Tracker:
     "Walks a shape-propagated fx graph, following feature spaces (union-find over space ids; space 0 is 'fixed')."
-    def __init__(self, gm: fx.GraphModule, sd_keys: set[str]):
-        self.gm, self.keys = gm, sd_keys
+    def __init__(self, gm: fx.GraphModule, sd_keys: set[str], model_name: str='the model'):
+        self.gm, self.keys, self.model_name = gm, sd_keys, model_name
         self.parent, self.size, self.name = [0], [None], [None]
         self.axes: dict[int, list[Axis]] = {}
-        self.deferred: list[tuple[list[int], str]] = []
+        # why spaces are fixed: a pin (space, blocked, reason) joins a space to 0, `links` keeps the joins between spaces,
+        # so that the end can say which pins hold each fixed space; `blocked` pins are only for lack of a rule
+        self.pins: list[tuple[int, bool, str]] = []
+        self.links: list[tuple[int, int]] = []
+        self.blockers: list[tuple[list[int], str]] = []  # (spaces, message) of each op without a rule on tracked values
+        self.held: dict[fx.Node, fx.Node] = {}  # node -> the op without a rule that its (untracked) value comes from
         self.env: dict[fx.Node, object] = {}
         self.touched: set[str] = set()  # parameters given an axis by the node being visited
         self.param_uses: list[tuple[str, fx.Node]] = []  # (parameter, node) uses that gave it no axis
 
     # -- union-find ------------------------------------------------------------------------------------------------
-    def new_space(self, name: str|None, n: int, fixed: bool=False) -> int:
+    def new_space(self, name: str|None, n: int, fixed: str|None=None, blocked: bool=False) -> int:
         s = len(self.parent); self.parent.append(s); self.size.append(int(n)); self.name.append(name)
-        if fixed: self.union(s, 0)
+        if fixed: self.pin(s, fixed, blocked)
         return s
     def find(self, s: int) -> int:
         while self.parent[s] != s:
             self.parent[s] = self.parent[self.parent[s]]; s = self.parent[s]
         return s
     def union(self, a: int, b: int, node: fx.Node|None=None) -> None:
+        if a and b: self.links.append((a, b))
         ra, rb = self.find(a), self.find(b)
         if ra == rb: return
         if ra and rb and self.size[ra] != self.size[rb]:
@@ -148,8 +156,17 @@ class _Tracker:
                             f"({self.size[ra]}) and '{self.name[rb]}' ({self.size[rb]}) of different sizes. {_HAND}")
         lo, hi = min(ra, rb), max(ra, rb)  # the root is the earliest space: 0 (fixed) or the first writer
         self.parent[hi] = lo
-    def fix(self, d) -> None:
-        for s in self._spaces(d): self.union(s, 0)
+    def pin(self, s: int, why: str, blocked: bool=False) -> None:
+        "Keep space `s` fixed, for the reason `why` (`blocked`: only because an op has no rule)."
+        self.pins.append((s, blocked, why)); self.union(s, 0)
+    def fix(self, d, why: str, blocked: bool=False) -> None:
+        for s in self._spaces(d): self.pin(s, why, blocked)
+    def fix_by(self, node: fx.Node, a, d) -> None:
+        "`node` combines the features of `d` with `a`, a per-feature value that no transform changes: they are pinned."
+        o = self.held.get(a) if isinstance(a, fx.Node) else None
+        if o is None: self.fix(d, f"node '{node.name}' ({_target_str(node)}) combines it with '{a}', a per-feature tensor that no transform changes")
+        else: self.fix(d, f"node '{node.name}' ({_target_str(node)}) combines it with the output of node '{o.name}' "
+                       f"({_target_str(o)}), which trace_spec cannot follow", blocked=True)
     def is_fixed(self, s: int) -> bool: return self.find(s) == 0
 
     def _spaces(self, d) -> list[int]:
@@ -165,10 +182,11 @@ class _Tracker:
         for s, n, b, o in f.offsets(): self.add_axis(s, Axis(param, dim, role, b * mult, o * mult))
 
     def unsupported(self, node: fx.Node, descs, why: str):
-        "Remember that `node` does something to the spaces in `descs` that the rules do not cover; the result is INV."
+        "`node` does something to the spaces in `descs` that the rules do not cover: keep them fixed; the result is INV."
         spaces = self._spaces(descs)
         if spaces:
-            self.deferred.append((spaces, f"cannot derive a spec: node '{node.name}' ({_target_str(node)}) {why}"))
+            msg = f"node '{node.name}' ({_target_str(node)}) {why}"
+            self.blockers.append((spaces, msg)); self.fix(descs, msg, blocked=True); self.held[node] = node
         return INV
 
     # -- shapes ----------------------------------------------------------------------------------------------------
@@ -200,7 +218,11 @@ class _Tracker:
     def run(self) -> None:
         for node in self.gm.graph.nodes:
             self.touched = set()
-            self.env[node] = self.visit(node)
+            d = self.env[node] = self.visit(node)
+            if self._spaces(d): self.held.pop(node, None)  # a value held fixed by an op without a rule, and what follows it
+            elif node not in self.held:
+                o = next((self.held[a] for a in node.all_input_nodes if a in self.held), None)
+                if o is not None: self.held[node] = o
             if node.op.startswith('call_'):  # a parameter read directly and used in a way that gave it no axis
                 for a in node.all_input_nodes:
                     da = self.env.get(a)
@@ -209,7 +231,7 @@ class _Tracker:
     def visit(self, node: fx.Node):
         if node.op == 'placeholder': return INV
         if node.op == 'get_attr': return _Param(node.target) if node.target in self.keys else INV
-        if node.op == 'output': self.fix(self.desc(node.args)); return None
+        if node.op == 'output': self.fix(self.desc(node.args), "the network's output"); return None
         meta = node.meta.get('tensor_meta')
         if meta is None: return None  # a Python value (a size, a dtype, ...): carries no features
         if node.op == 'call_module':
@@ -414,7 +436,7 @@ class _Tracker:
             k = dim - (nd - len(sa))
             if k < 0 or sa[k] == 1: continue  # broadcast along the features: no interaction
             if isinstance(da, _Param) and sa[k] == f0.total: self.add_piece_axes(f0, da.name, k, 'out')
-            else: self.fix(f0)  # a fixed per-feature tensor pins the features in place
+            else: self.fix_by(node, a, f0)  # a fixed per-feature tensor pins the features in place
         return f0.at(dim)
 
     def cat(self, node):
@@ -426,7 +448,10 @@ class _Tracker:
             pieces = []
             for t, d in zip(ts, descs):
                 if isinstance(d, _Feat): pieces.extend(d.pieces)
-                else: pieces.append((self.new_space(None, self.shape(t)[cd], fixed=True), self.shape(t)[cd], 1))
+                else:
+                    o = self.held.get(t) if isinstance(t, fx.Node) else None
+                    s = self.new_space(None, self.shape(t)[cd], fixed=f"a fixed value ('{t}') concatenated in node '{node.name}'", blocked=o is not None)
+                    pieces.append((s, self.shape(t)[cd], 1))
             return _Feat(cd, tuple(pieces))
         if any(isinstance(d, _Feat) and d.dim == cd for d in descs):
             return self.unsupported(node, descs, "concatenates tracked values {spaces} along different dimensions")
@@ -445,7 +470,7 @@ class _Tracker:
         for f in feats[1:]:
             for a, b in zip(feats[0].spaces(), f.spaces()): self.union(a, b, node)
         for t, d in zip(ts, descs):
-            if not isinstance(d, _Feat) and self.shape(t)[dim - (dim > sd)] != 1: self.fix(feats[0])
+            if not isinstance(d, _Feat) and self.shape(t)[dim - (dim > sd)] != 1: self.fix_by(node, t, feats[0])
         return feats[0].at(dim)
 
     def reshape(self, node, x, d: _Feat):
@@ -539,6 +564,20 @@ class _Tracker:
         return self.unsupported(node, [d], f"acts on the last {k} dimension(s), which hold the features {{spaces}}")
 
     # -- the result ------------------------------------------------------------------------------------------------
+    def _explain(self):
+        "The spaces joined with each other, ignoring the joins with 0 (union-find roots), and a name for each."
+        root = list(range(len(self.parent)))
+        def rf(s):
+            while root[s] != s: root[s] = root[root[s]]; s = root[s]
+            return s
+        for a, b in self.links:
+            ra, rb = rf(a), rf(b)
+            if ra != rb: root[max(ra, rb)] = min(ra, rb)
+        label = {}  # a space's name: the first space in it that a layer writes
+        for s in range(1, len(self.parent)):
+            if self.name[s] and rf(s) not in label: label[rf(s)] = self.name[s]
+        return rf, label
+
     def spec(self) -> Spec:
         # a parameter dimension can only be transformed one way: spaces that claim the same slot are one space
         slots = {}
@@ -547,11 +586,8 @@ class _Tracker:
                 key = (a.param, a.dim, a.offset, a.block)
                 if key in slots: self.union(slots[key], s)
                 else: slots[key] = s
-        for spaces, msg in self.deferred:
-            live = [s for s in spaces if not self.is_fixed(s)]
-            if live:
-                names = ', '.join(sorted({f"'{self.name[self.find(s)]}'" for s in live}))
-                raise SpecError(msg.replace('{spaces}', names) + '. ' + _HAND)
+        rf, label = self._explain()
+        names = lambda spaces: ', '.join(sorted({f"'{label.get(rf(s), '?')}'" for s in spaces}))
         live = {a.param: self.name[self.find(s)] for s, axs in self.axes.items() if not self.is_fixed(s) for a in axs}
         for p, node in self.param_uses:
             if p in live:
@@ -573,13 +609,69 @@ class _Tracker:
             name = self.name[r]
             if name in out: name = f'{name}#{r}'
             out[name] = Group(name, self.size[r], tuple(axs))
-        return Spec(out)
+        return Spec(out, self._fixed(rf, label, names, out))
+
+    def _fixed(self, rf, label, names, groups) -> dict[str, str]:
+        "Every fixed space that a layer writes, with the reasons it is fixed (`self.blocked`: those fixed only for lack of a rule)."
+        spaces_of = {m: sp for sp, m in self.blockers}
+        why, written = {}, set()
+        for s, blocked, m in self.pins: why.setdefault(rf(s), []).append((blocked, m.replace('{spaces}', names(spaces_of.get(m, [s])))))
+        for s, axs in self.axes.items():
+            if self.is_fixed(s) and any(a.role == 'out' for a in axs): written.add(rf(s))
+        fixed, self.blocked = {}, []
+        for r in sorted(written & set(label)):
+            rs = why.get(r) or [(False, 'joined with a fixed space')]
+            ms = list(dict.fromkeys(m for _, m in sorted(rs, key=lambda t: t[0])))  # the reasons that need no rule first
+            name = label[r] if label[r] not in groups and label[r] not in fixed else f'{label[r]}#{r}'
+            fixed[name] = '; '.join(ms[:3]) + (f'; and {len(ms) - 3} more' if len(ms) > 3 else '')
+            if all(b for b, _ in rs): self.blocked.append(name)
+        if self.blocked and not groups:
+            ms = [m.replace('{spaces}', names(sp)) for sp, m in self.blockers]
+            raise SpecError(f"cannot derive a spec for {self.model_name}: " + '; '.join(ms) + ". So no feature space is left "
+                            f"to transform ({', '.join(repr(b) for b in self.blocked)} held fixed). " + _HAND)
+        return fixed
 
 # %% ../nbs/04a_trace.ipynb #f9da47dd
 def _first_line(e: BaseException) -> str:
     "The first line of the innermost cause of `e` (ShapeProp wraps the real error)."
     while e.__cause__ is not None: e = e.__cause__
     return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+
+def _where(e: BaseException, model: nn.Module) -> str|None:
+    "'Cls.forward at file:line: `code`': the innermost frame of `e`'s tracebacks that runs the model's own code."
+    mods = {id(m) for m in model.modules()}
+    try: src = inspect.getsourcefile(type(model))
+    except (TypeError, OSError): src = None
+    lib, hit = os.path.dirname(torch.__file__), None
+    while e is not None and hit is None:  # the innermost cause first
+        chain = [e]
+        while chain[-1].__cause__ is not None: chain.append(chain[-1].__cause__)
+        for err in reversed(chain):
+            tb = err.__traceback__
+            while tb is not None:
+                f = tb.tb_frame; me = f.f_locals.get('self'); fn = f.f_code.co_filename
+                if not fn.startswith(lib) and (isinstance(me, nn.Module) and id(me) in mods or fn == src): hit = (f, tb.tb_lineno, me)
+                tb = tb.tb_next
+            if hit: break
+        e = None
+    if hit is None: return None
+    f, line, me = hit; fn = f.f_code.co_filename
+    who = f"{type(me).__name__}.{f.f_code.co_name}" if isinstance(me, nn.Module) else getattr(f.f_code, 'co_qualname', f.f_code.co_name)
+    code = linecache.getline(fn, line).strip()
+    return f"{who} at {fn}:{line}" + (f": `{code}`" if code else '')
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    "Hold back stderr: torch.fx prints its own traceback of a failure before raising; on success, pass everything on."
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(buf): yield
+    except BaseException:  # keep what the model itself printed before torch.fx's report
+        text = buf.getvalue()
+        for mark in ('Traceback (most recent call last)', 'Call using an FX-traced Module'):
+            text = text.split(mark)[0]
+        sys.stderr.write(text); raise
+    sys.stderr.write(buf.getvalue())
 
 def _example_input(gm: fx.GraphModule, model: nn.Module) -> Tensor:
     "A guess at an input batch, from the first layer that reads the input."
@@ -601,9 +693,13 @@ def trace_spec(model: nn.Module, # the model whose transformable feature spaces 
                x: Tensor|tuple|None=None, # an example input batch (a tuple for several inputs); guessed if None
               ) -> Spec:
     "The `Spec` of `model`, derived by tracing its forward pass with torch.fx (check it with `verify_spec`)."
-    try: gm = fx.symbolic_trace(model)
+    _need_module(model, 'trace_spec', 'to trace its forward pass', _NO_SD)
+    try:
+        with _quiet_stderr(): gm = fx.symbolic_trace(model)
     except Exception as e:
-        raise SpecError(f"torch.fx cannot trace {type(model).__name__} ({_first_line(e)}). "
+        where = _where(e, model); msg = _first_line(e)
+        where = f"; {'control flow in' if 'control flow' in msg else 'in'} {where}" if where else ''
+        raise SpecError(f"torch.fx cannot trace {type(model).__name__} ({msg}{where}). "
                         "trace_spec needs a forward pass without Python control flow that depends on tensor values. "
                         + _HAND) from e
     guessed = x is None
@@ -612,21 +708,27 @@ def trace_spec(model: nn.Module, # the model whose transformable feature spaces 
     was_training = model.training
     model.eval()  # the trace shares the model's modules: keep BatchNorm statistics as they are
     try:
-        with torch.no_grad(): ShapeProp(gm).propagate(*args)
+        with torch.no_grad(), _quiet_stderr(): ShapeProp(gm).propagate(*args)
     except Exception as e:
         shapes = [tuple(a.shape) for a in args if isinstance(a, Tensor)]
         raise SpecError(f"running {type(model).__name__} on {'a guessed' if guessed else 'the'} example input of shape "
                         f"{shapes[0] if len(shapes) == 1 else shapes} failed ({_first_line(e)}); "
                         "pass an example batch the model accepts as x=...") from e
     finally: model.train(was_training)
-    t = _Tracker(gm, set(model.state_dict().keys()))
-    t.run()
-    return t.spec()
+    t = _Tracker(gm, set(model.state_dict().keys()), type(model).__name__)
+    t.run(); spec = t.spec()
+    if t.blocked:
+        warnings.warn(f"trace_spec keeps {len(t.blocked)} feature space(s) of {type(model).__name__} fixed (unaligned) for lack of "
+                      "a rule: " + '; '.join(f"'{b}': {spec.fixed[b]}" for b in t.blocked) + ". The groups it found are safe "
+                      "to align; to align these spaces too, write the spec by hand (spec=Spec(...)) and check it with "
+                      "verify_spec. spec.fixed lists every space kept fixed.", SpecWarning, stacklevel=2)
+    return spec
 
 # %% ../nbs/04a_trace.ipynb #488462ac
 def spec_for(model: nn.Module, # a model
              x: Tensor|None=None, # an example input (guessed from the first layer if None)
             ) -> Spec:
     "The spec of a model: `mlp_spec` for `MLP`s, `trace_spec` (torch.fx) for any other model."
+    _need_module(model, 'spec_for', 'to trace its forward pass', _NO_SD)
     if isinstance(model, MLP): return mlp_spec(model)
     return trace_spec(model, x)
