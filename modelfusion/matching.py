@@ -5,6 +5,7 @@
 # %% ../nbs/05_matching.ipynb #ef308c92
 from __future__ import annotations
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 import numpy as np
 import torch
@@ -15,7 +16,7 @@ from .spec import *
 from .data import TensorLoader
 
 # %% auto #0
-__all__ = ['MATCHERS', 'MatchResult', 'apply_perm_axis', 'wm_objective', 'weight_matching', 'activation_stats',
+__all__ = ['MATCHERS', 'STE_PROFILES', 'MatchResult', 'apply_perm_axis', 'wm_objective', 'weight_matching', 'activation_stats',
            'activation_matching', 'ste_matching', 'sinkhorn', 'sinkhorn_matching', 'matcher_inputs']
 
 # %% ../nbs/05_matching.ipynb #15033a14
@@ -26,6 +27,17 @@ class MatchResult:
     info: dict = field(default_factory=dict)
 
 MATCHERS = Registry('matcher')
+
+def _two(models, # [model A, model B]: modules, state dicts or dicts of parameters
+         what: str, # the matcher's name, for the error message
+         hint: str='', # appended to the count error
+        ) -> list[StateDict]:
+    "The two models of a pairwise matcher as compatible state dicts of detached tensors."
+    if not isinstance(models, (torch.nn.Module, Mapping)) and len(models) != 2:
+        raise ValueError(f"{what} aligns 2 models, got {len(models)}{hint}")
+    sds = as_sds(models, ['model A', 'model B'])
+    check_compatible(sds, ['model A', 'model B'])
+    return sds
 
 # %% ../nbs/05_matching.ipynb #23b77e53
 def _mat(w: Tensor, a: Axis, n: int) -> Tensor:
@@ -45,6 +57,7 @@ def apply_perm_axis(w: Tensor, a: Axis, perm: Tensor) -> Tensor:
 
 def wm_objective(sd_a: StateDict, sd_b: StateDict, spec: Spec, alignment: Alignment) -> float:
     "Σ_p ⟨W^A_p, π(W^B)_p⟩ over the parameters the spec touches (the weight-matching objective)."
+    sd_a, sd_b = as_sd(sd_a, 'model A'), as_sd(sd_b, 'model B')
     b = apply(sd_b, spec, alignment) if alignment else sd_b
     # products in the tensors' own dtype, pairwise sums (relative error ~1e-7 in float32), summed over tensors in float64
     return sum(float((sd_a[p] * b[p]).sum()) for p in spec.by_param() if not _is_stat(p))
@@ -109,9 +122,8 @@ def weight_matching(sds: list[StateDict], # [reference model A, model B]: B is p
                     warm: bool=True, # warm-start each assignment from the duals of the group's previous one
                    ) -> MatchResult:
     "Git Re-Basin weight matching: permutations of B's units that maximise Σ⟨W_A, π(W_B)⟩ (coordinate descent)."
-    if len(sds) != 2: raise ValueError(f"weight matching aligns 2 models, got {len(sds)}; for N models use a universe matcher")
+    sds = _two(sds, 'weight matching', '; for N models use a universe matcher')
     if start not in ('greedy', 'identity'): raise UnknownName(f"unknown start '{start}'; known: greedy, identity")
-    check_compatible(sds, ['model A', 'model B'])
     spec.check(sds[0], 'model A')
     dev = get_device(device)
     by_param = {p: axs for p, axs in spec.by_param().items() if not _is_stat(p)}
@@ -206,7 +218,7 @@ def activation_stats(template: torch.nn.Module, # the architecture
                     ) -> dict[str, dict[str, Tensor]]:
     "Per group: means, stds and the cross-covariance of model 0's and model 1's features."
     import copy
-    models = []
+    sds = as_sds(sds, ['model A', 'model B']); models = []
     for sd in sds:
         m = copy.deepcopy(template).to(x.device); m.load_state_dict(sd); models.append(m.eval())
     readers = {n: _reader(template, g) for n, g in spec.groups.items()}
@@ -247,8 +259,7 @@ def activation_matching(sds: list[StateDict], # [reference model A, model B]
     if template is None or x is None:
         raise ValueError("activation matching needs data: pass template=<a module of the architecture> and x=<input batch>")
     if stat not in ('corr', 'cov', 'dot'): raise UnknownName(f"unknown statistic '{stat}'; known: corr, cov, dot")
-    if len(sds) != 2: raise ValueError(f"activation matching aligns 2 models, got {len(sds)}")
-    check_compatible(sds, ['model A', 'model B']); spec.check(sds[0], 'model A')
+    sds = _two(sds, 'activation matching'); spec.check(sds[0], 'model A')
     t0 = time.time(); st = activation_stats(template, sds, spec, x, batch_size); al = {}
     for n, s in st.items():
         C = s['dot'] if stat == 'dot' else s['cov']
@@ -262,30 +273,47 @@ def _midpoint_loss(template, sd_a, sd_b, xb, yb, lam=0.5):
     sd = {k: (1 - lam) * sd_a[k] + lam * sd_b[k] if sd_a[k].is_floating_point() else sd_a[k] for k in sd_a}
     return torch.nn.functional.cross_entropy(torch.func.functional_call(template, sd, (xb,)), yb)
 
+STE_PROFILES = {
+    'fast':  dict(optimizer='adam', lr=1e-3, momentum=0.0, epochs=1, batch_size=500),    # this library's quick default
+    'paper': dict(optimizer='sgd', lr=1e-2, momentum=0.9, epochs=250, batch_size=1000),  # git-re-basin src/mnist_mlp_ste2.py
+}
+
+def _ste_settings(profile: str, **given) -> dict:
+    "The profile's settings, overridden by the parameters given (not None)."
+    if profile not in STE_PROFILES: raise UnknownName(f"unknown STE profile '{profile}'; known: {', '.join(sorted(STE_PROFILES))}")
+    cfg = {**STE_PROFILES[profile], **{k: v for k, v in given.items() if v is not None}}
+    if cfg['optimizer'] not in ('adam', 'sgd'): raise UnknownName(f"unknown optimizer '{cfg['optimizer']}'; known: adam, sgd")
+    return cfg
+
 @MATCHERS.register('ste', paper='https://arxiv.org/abs/2209.04836')
-def ste_matching(sds: list[StateDict], # [reference model A, model B]
+def ste_matching(sds: list[StateDict], # [reference model A, model B] (modules or state dicts)
                  spec: Spec, # the architecture's spec
                  template: torch.nn.Module|None=None, # a module of the architecture (required)
                  x: Tensor|None=None, y: Tensor|None=None, # training inputs and labels (required)
-                 epochs: int=1, # passes over (x, y)
-                 batch_size: int=500, # samples per step
-                 lr: float=1e-3, # Adam learning rate of the proxy
+                 profile: str='fast', # recipe in STE_PROFILES: 'fast' (quick default) or 'paper' (the reference code's)
+                 epochs: int|None=None, # passes over (x, y); None: the profile's
+                 batch_size: int|None=None, # samples per step; None: the profile's
+                 optimizer: str|None=None, # 'adam' or 'sgd' for the proxy; None: the profile's
+                 lr: float|None=None, # learning rate of the proxy; None: the profile's
+                 momentum: float|None=None, # SGD momentum (Adam ignores it); None: the profile's
                  seed: int=0, # data order and weight-matching seeds
                  device: str|None='cpu', # where to optimise
                 ) -> MatchResult:
     "Git Re-Basin straight-through estimator: learn θ̃, project it by weight matching, minimise the midpoint loss."
     if template is None or x is None or y is None:
         raise ValueError("STE matching needs data: pass template=<a module>, x=<inputs> and y=<labels>")
-    check_compatible(sds, ['model A', 'model B'])
+    cfg = _ste_settings(profile, epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum)
+    sds = _two(sds, 'STE matching')
     dev = get_device(device); tmpl = template.to(dev).eval()
     A = {k: v.to(dev) for k, v in sds[0].items()}; B = {k: v.to(dev) for k, v in sds[1].items()}
     trainable = [k for k, v in A.items() if v.is_floating_point() and not _is_stat(k)]
     proxy = {k: A[k].clone().float().requires_grad_(True) for k in trainable}
-    opt = torch.optim.Adam(proxy.values(), lr=lr)
-    loader = TensorLoader(x.to(dev), y.to(dev), batch_size, shuffle=True, seed=seed)
+    if cfg['optimizer'] == 'sgd': opt = torch.optim.SGD(proxy.values(), lr=cfg['lr'], momentum=cfg['momentum'])
+    else: opt = torch.optim.Adam(proxy.values(), lr=cfg['lr'])
+    loader = TensorLoader(x.to(dev), y.to(dev), cfg['batch_size'], shuffle=True, seed=seed)
     perm = weight_matching([sds[0], sds[1]], spec, seed=seed).alignments[1]  # θ̃ = θ_A at the start
     best, losses, t0 = (float('inf'), perm), [], time.time()
-    for _ in range(epochs):
+    for _ in range(cfg['epochs']):
         for xb, yb in loader:
             cur = {k: v.detach().cpu() for k, v in proxy.items()}
             perm = weight_matching([{**sds[0], **cur}, sds[1]], spec, seed=seed, init=perm, report=False).alignments[1]
@@ -295,7 +323,9 @@ def ste_matching(sds: list[StateDict], # [reference model A, model B]
             opt.zero_grad(); loss.backward(); opt.step()
             losses.append(loss.item())
             if losses[-1] < best[0]: best = (losses[-1], perm)
-    return MatchResult([{}, best[1]], {'time_s': time.time() - t0, 'steps': len(losses), 'losses': losses, 'best_loss': best[0]})
+    used = {'name': type(opt).__name__, **{k: opt.defaults[k] for k in ('lr', 'momentum') if k in opt.defaults}}
+    return MatchResult([{}, best[1]], {'time_s': time.time() - t0, 'steps': len(losses), 'losses': losses, 'best_loss': best[0],
+                                       'settings': {'profile': profile, **cfg}, 'optimizer': used})
 
 # %% ../nbs/05_matching.ipynb #5db84f6c
 def sinkhorn(logits: Tensor, # (n, n) scores
@@ -308,37 +338,65 @@ def sinkhorn(logits: Tensor, # (n, n) scores
         z = z - torch.logsumexp(z, 0, keepdim=True)
     return z.exp()
 
+def _harden(Z: dict[str, Tensor]) -> Alignment:
+    "Per group, the permutation maximising Σ_i Z[i, π(i)] (a linear assignment on the logits)."
+    return {n: Transform.perm(torch.as_tensor(linear_sum_assignment(z.detach().cpu().double().numpy(), maximize=True)[1])) for n, z in Z.items()}
+
+@torch.no_grad()
+def _hard_loss(A: StateDict, B: StateDict, spec: Spec, al: Alignment, loss: str, params: list[str],
+               tmpl=None, x=None, y=None, batch_size: int=1000) -> float:
+    "The loss Sinkhorn re-basin optimises, at a permutation: ‖θ_A − π(θ_B)‖² ('distance'), else the midpoint's mean cross-entropy on (x, y)."
+    Bp = apply(B, spec, {n: Transform(t.merge.to(next(iter(B.values())).device)) for n, t in al.items()})
+    if loss == 'distance': return sum(float(((A[k] - Bp[k]).double() ** 2).sum()) for k in params)
+    return sum(float(_midpoint_loss(tmpl, A, Bp, x[i:i + batch_size], y[i:i + batch_size])) * len(x[i:i + batch_size])
+               for i in range(0, len(x), batch_size)) / len(x)
+
+# %% ../nbs/05_matching.ipynb #a0e09604
 @MATCHERS.register('sinkhorn', paper='https://arxiv.org/abs/2212.12042')
-def sinkhorn_matching(sds: list[StateDict], # [reference model A, model B]
+def sinkhorn_matching(sds: list[StateDict], # [reference model A, model B] (modules or state dicts)
                       spec: Spec, # the architecture's spec
                       template: torch.nn.Module|None=None, # a module (required unless loss='distance')
                       x: Tensor|None=None, y: Tensor|None=None, # training data (required unless loss='distance')
                       loss: str='midpoint', # 'midpoint', 'random' (λ ~ U(0,1)) or 'distance'
-                      epochs: int=1, # passes over the data (or steps/50 for 'distance')
-                      batch_size: int=500, # samples per step
-                      lr: float=0.1, # Adam learning rate of the logits
-                      tau: float=1.0, # temperature of the relaxation
-                      init_scale: float=5.0, # logits start at init_scale * (weight-matching permutation)
-                      n_iter: int=20, # Sinkhorn iterations per step
-                      seed: int=0, # data order, λ samples
+                      init: str='identity', # logits start at I + noise (the paper) or at weight matching's permutation + noise ('weight_matching', a warm start)
+                      noise: float=0.1, # std of the Gaussian noise on the initial logits (paper: 0.1)
+                      steps: int=50, # AdamW steps for loss='distance' (paper's alignment example: 50)
+                      epochs: int=20, # passes over (x, y) for the data losses (paper's MNIST example: 20)
+                      batch_size: int=1000, # samples per step (paper: 1000)
+                      lr: float=0.1, # AdamW learning rate of the logits, constant (paper: 0.1)
+                      tau: float=1.0, # temperature of the relaxation, constant (paper: 1)
+                      n_iter: int=20, # Sinkhorn iterations per step (paper: 20)
+                      holdout: float=0.0, # data losses: fraction of (x, y) kept out of the descent to judge start against result (0: judge on all)
+                      seed: int=0, # initial noise, data order, λ samples
                       device: str|None='cpu', # where to optimise
                      ) -> MatchResult:
-    "Sinkhorn re-basin: learn soft permutations on a loss, then harden them by linear assignment."
+    "Sinkhorn re-basin: learn soft permutations on a loss, harden them; return the better of start and result on that loss."
     if loss not in ('midpoint', 'random', 'distance'): raise UnknownName(f"unknown loss '{loss}'; known: distance, midpoint, random")
+    if init not in ('identity', 'weight_matching'): raise UnknownName(f"unknown init '{init}'; known: identity, weight_matching")
     if loss != 'distance' and (template is None or x is None or y is None):
         raise ValueError(f"Sinkhorn matching with loss='{loss}' needs data: pass template=, x= and y= (or use loss='distance')")
-    check_compatible(sds, ['model A', 'model B'])
-    dev = get_device(device); g = torch.Generator().manual_seed(seed)
+    if not 0 <= holdout < 1: raise ValueError(f"holdout must be in [0, 1), got {holdout}")
+    sds = _two(sds, 'Sinkhorn matching')
+    dev = get_device(device); g = torch.Generator().manual_seed(seed); t0 = time.time()
     A = {k: v.to(dev).float() if v.is_floating_point() else v.to(dev) for k, v in sds[0].items()}
     B = {k: v.to(dev).float() if v.is_floating_point() else v.to(dev) for k, v in sds[1].items()}
-    wm = weight_matching(sds, spec, seed=seed).alignments[1]
-    Z = {n: (init_scale * Transform.perm(wm[n].merge).matrices()[0]).to(dev).requires_grad_(True) for n in spec.groups}
-    opt = torch.optim.Adam(Z.values(), lr=lr)
-    if loss == 'distance': batches = [(None, None)] * (50 * epochs)
-    else: batches = [b for _ in range(epochs) for b in TensorLoader(x.to(dev), y.to(dev), batch_size, seed=seed)]
+    wm = weight_matching(sds, spec, seed=seed, report=False).alignments[1] if init == 'weight_matching' else {}
+    Z = {}
+    for n, grp in spec.groups.items():
+        P0 = Transform.perm(wm[n].merge).matrices()[0] if n in wm else torch.eye(grp.size)
+        Z[n] = (P0 + noise * torch.randn(grp.size, grp.size, generator=g)).to(dev).requires_grad_(True)
+    start = _harden(Z)
+    opt = torch.optim.AdamW(Z.values(), lr=lr)
     tmpl = template.to(dev).eval() if template is not None else None
+    if loss == 'distance': batches = [(None, None)] * steps
+    else:
+        x, y = x.to(dev), y.to(dev); xh, yh = x, y  # judged on all of the data, or on a held-out part
+        if holdout:
+            i = torch.randperm(len(x), generator=g).to(dev); k = max(1, round(holdout * len(x)))
+            xh, yh, x, y = x[i[:k]], y[i[:k]], x[i[k:]], y[i[k:]]
+        batches = [b for _ in range(epochs) for b in TensorLoader(x, y, batch_size, shuffle=True, seed=seed)]
     params = [k for k in A if A[k].is_floating_point() and not _is_stat(k)]
-    losses, t0 = [], time.time()
+    losses = []
     for xb, yb in batches:
         P = {n: sinkhorn(z / tau, n_iter) for n, z in Z.items()}
         Bs = apply(B, spec, {n: Transform(p, p.T) for n, p in P.items()})
@@ -347,11 +405,18 @@ def sinkhorn_matching(sds: list[StateDict], # [reference model A, model B]
             lam = float(torch.rand((), generator=g)) if loss == 'random' else 0.5
             L = _midpoint_loss(tmpl, A, Bs, xb, yb, lam)
         opt.zero_grad(); L.backward(); opt.step(); losses.append(L.item())
-    al = {}
-    for n, z in Z.items():
-        _, col = linear_sum_assignment(sinkhorn(z.detach() / tau, n_iter).cpu().double().numpy(), maximize=True)
-        al[n] = Transform.perm(torch.as_tensor(col))
-    return MatchResult([{}, al], {'time_s': time.time() - t0, 'steps': len(losses), 'losses': losses, 'loss': loss})
+    result = _harden(Z)
+    with torch.no_grad():  # how sharp the soft matrices ended: their mean mass on the hardened entries
+        mass = {n: float(sinkhorn(z / tau, n_iter)[torch.arange(len(result[n].merge), device=dev), result[n].merge.to(dev)].mean()) for n, z in Z.items()}
+    kw = dict(tmpl=tmpl, x=xh, y=yh, batch_size=batch_size) if loss != 'distance' else {}
+    l0, l1 = _hard_loss(A, B, spec, start, loss, params, **kw), _hard_loss(A, B, spec, result, loss, params, **kw)
+    kept = 'result' if l1 < l0 else 'start'
+    moved = {n: int((result[n].merge != start[n].merge).sum()) for n in Z}
+    info = {'time_s': time.time() - t0, 'steps': len(losses), 'losses': losses, 'loss': loss, 'init': init,
+            'hard_loss': 'distance' if loss == 'distance' else 'midpoint', 'start_loss': l0, 'result_loss': l1, 'kept': kept,
+            'moved': moved, 'moved_total': sum(moved.values()), 'matched_mass': mass}
+    if loss != 'distance': info['judged_on'] = len(xh)
+    return MatchResult([{}, result if kept == 'result' else start], info)
 
 # %% ../nbs/05_matching.ipynb #6a3189b8
 def matcher_inputs(name: str, # a name in MATCHERS
