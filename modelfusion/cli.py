@@ -5,6 +5,7 @@
 # %% ../nbs/09_cli.ipynb #9afbf1ba
 from __future__ import annotations
 import sys, json, argparse
+from typing import Any
 from pathlib import Path
 from .core import *
 
@@ -50,6 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument('--eval-samples', type=int, default=10000, help='samples per split for the curves (default: 10000)')
     a.add_argument('--out', default='runs/align', help='run folder (default: runs/align)')
     a.add_argument('--device', default=None, help='cpu, cuda, ... (default: cuda when available)')
+    a.add_argument('--quiet', action='store_true', help='no progress bars or messages')
     l = sub.add_parser('list', help='list registered names and shipped configs',
                        description='List the registered data sets, models, matchers, merges or methods, or the model pool / task pool configs.')
     l.add_argument('what', choices=['datasets', 'models', 'matchers', 'merges', 'methods', 'modelpools', 'taskpools'])
@@ -87,7 +89,8 @@ def _kv(items: list[str]) -> dict:
 def align(args) -> int:
     from modelfusion.experiments import run_alignment, format_table
     r = run_alignment(args.model, _kv(args.model_kw), args.dataset, _kv(args.train_kw), args.seeds, args.matchers, None,
-                      args.repair, args.lambdas, 5, 5000, args.eval_samples, args.out, args.data_root, device=args.device)
+                      args.repair, args.lambdas, 5, 5000, args.eval_samples, args.out, args.data_root, device=args.device,
+                      verbose=False if args.quiet else None)
     print(f"\n{args.model} {_kv(args.model_kw)} on {r['params']['data']['source']}")
     print(format_table(r['table']))
     print(f"wrote {r['out']}/: params.json metrics.json curves.csv interpolation.png  ({r['metrics']['wall_time_s']:.1f} s)")
@@ -108,7 +111,8 @@ def list_names(args) -> int:
         return 0
     reg = {'datasets': DATASETS, 'models': MODELS, 'matchers': MATCHERS, 'merges': MERGES, 'methods': METHODS}[args.what]
     for name in reg:
-        e = reg[name]; print(f"{name:16s} {e.summary}" + (f"  [{e.paper}]" if e.paper else ''))
+        e = reg[name]; also = sorted(a for a, t in reg.aliases.items() if t == name)
+        print(f"{name:20s} {e.summary}" + (f"  [{e.paper}]" if e.paper else '') + (f"  (also: {', '.join(also)})" if also else ''))
     return 0
 
 def demo(args) -> int:
@@ -125,25 +129,24 @@ def demo(args) -> int:
     print(f"wrote {r['out']}/: params.json metrics.json curves.csv interpolation.png  ({m['wall_time_s']:.1f} s)")
     return 0
 
-def _param_help(fn) -> dict[str, str]:
-    "Each parameter's trailing comment (docments), when fastcore is installed and the source is readable."
-    try:
-        from fastcore.docments import docments
-        return {k: v for k, v in docments(fn).items() if v}
-    except Exception: return {}
-
 def show(args) -> int:
     import inspect, yaml
-    from modelfusion.pipeline import METHODS, method_params, list_configs, load_config
+    from modelfusion.pipeline import METHODS, PARAM_ALIASES, method_schema, list_configs, load_config, _type_name
     if args.kind != 'method':
         print(yaml.safe_dump(load_config(args.kind, args.name, args.config_dir), sort_keys=False).rstrip()); return 0
     e = METHODS[args.name]
     print(f"method {e.name}: {e.summary}" + (f"\npaper: {e.paper}" if e.paper else ''))
-    helps = _param_help(e.fn); ps = method_params(e.name)
+    also = sorted(a for a, t in METHODS.aliases.items() if t == e.name)
+    if also: print(f"also called: {', '.join(also)} (FusionBench's names)")
+    rest = (inspect.getdoc(e.fn) or '').split('\n', 1)[1:]  # what the docstring says beyond its first line
+    if rest and rest[0].strip(): print('\n' + rest[0].strip() + '\n')
+    ps = method_schema(e.name)
     print('parameters:' if ps else 'parameters: none')
-    for k, v in ps.items():
-        d = 'required' if v is inspect.Parameter.empty else f"default {v!r}"
-        print(f"  {k:18s} {d}" + (f"  # {helps[k]}" if k in helps else ''))
+    for k, p in ps.items():
+        print(f"  {k:14s} {_type_name(p.type) if p.type is not Any else '':28s} " + ('required' if p.required else f"default {p.default!r}"))
+        if p.doc: print(f"  {'':14s} {p.doc}")
+    fb = {their: ours for their, (ours, _) in PARAM_ALIASES.get(e.name, {}).items()}
+    if fb: print("FusionBench's parameter names are accepted too: " + ', '.join(f"{t} -> {o}" for t, o in fb.items()))
     shipped = [n for n, p in list_configs('method', args.config_dir).items() if load_config('method', p).get('name') == e.name]
     if shipped: print(f"configs: {', '.join(shipped)}  (modelfusion fuse method={shipped[0]} ...)")
     return 0
@@ -159,6 +162,8 @@ def fuse(args) -> int:
         else: overrides.append(it)
     missing = [k for k in ('method', 'modelpool', 'taskpool') if k not in sel]
     if missing: raise ValueError(f"missing {', '.join(f'{k}=NAME' for k in missing)} (see `modelfusion list methods|modelpools|taskpools`)")
+    from modelfusion.pipeline import check_save_path
+    if args.save_model: check_save_path(args.save_model, '--save-model')  # before any work
     cfg = compose(sel['method'], sel['modelpool'], sel['taskpool'], overrides, args.config_dir)
     if args.print_config: print(yaml.safe_dump(cfg, sort_keys=False).rstrip()); return 0
     r = run_fuse(cfg, args.out, args.save_model, args.data_root, verbose=False if args.quiet else None)
@@ -186,4 +191,6 @@ def main(argv: list[str]|None=None, # arguments (default: sys.argv[1:])
         if args.cmd == 'show': return show(args)
     except (ModelFusionError, ValueError) as e:
         print(f"modelfusion: error: {e}", file=sys.stderr); return 2
+    except KeyboardInterrupt:  # run folders and reports are written only at the end: nothing half-written is left
+        print("modelfusion: interrupted; nothing was written", file=sys.stderr); return 130
     return 1

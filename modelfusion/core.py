@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 # %% auto #0
-__all__ = ['StateDict', 'ModelFusionError', 'IncompatibleModels', 'NonFiniteWeights', 'UnknownName', 'DataNotFound',
+__all__ = ['StateDict', 'RUN_MARKER', 'ModelFusionError', 'IncompatibleModels', 'NonFiniteWeights', 'UnknownName', 'DataNotFound',
            'CheckpointError', 'OutputNotWritable', 'NotAModel', 'clone_sd', 'is_float', 'as_sd', 'as_sds',
            'check_finite', 'check_compatible', 'sd_combine', 'sd_lerp', 'seed_everything', 'get_device', 'autocast',
            'Entry', 'Registry', 'ensure_dir', 'atomic_path', 'atomic_write_text', 'write_json', 'run_folder',
@@ -249,15 +249,22 @@ def _json_default(o):
     raise TypeError(f"cannot write {type(o).__name__} as JSON")
 
 # %% ../nbs/00_core.ipynb #4af92c84
+RUN_MARKER = '.modelfusion-run'  # written last into every finished run folder
+
 @contextlib.contextmanager
 def run_folder(out: str|Path, # the run folder to (re)create
               ):
     "Yield a temporary folder; on success it replaces `out` as a whole, on failure (or Ctrl-C) it is removed."
-    out = Path(out).expanduser(); parent = ensure_dir(out.parent)
+    out = Path(out).expanduser()
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out/RUN_MARKER).exists())):
+        raise OutputNotWritable(f"'{out}' exists and is not a modelfusion run folder (it has no {RUN_MARKER} file), so a run "
+                                "will not replace it: choose another output folder, or remove it yourself")
+    parent = ensure_dir(out.parent)
     tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f'.{out.name}.partial-'))
-    umask = os.umask(0); os.umask(umask); os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700 folders
+    umask = os.umask(0); os.umask(umask); os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0600 folders
     try:
         yield tmp
+        (tmp/RUN_MARKER).write_text(json.dumps({'finished': __import__('datetime').datetime.now().isoformat(timespec='seconds')}) + '\n')
         old = None
         if out.exists():
             old = Path(tempfile.mkdtemp(dir=parent, prefix=f'.{out.name}.old-')); os.replace(out, old/'run')

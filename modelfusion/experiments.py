@@ -21,7 +21,18 @@ import modelfusion.merging as merging
 from .evaluation import *
 
 # %% auto #0
-__all__ = ['run_alignment', 'run_rebasin_mlp', 'format_table', 'run_task_merging', 'format_accuracy_table']
+__all__ = ['param', 'run_alignment', 'run_rebasin_mlp', 'format_table', 'run_width_sweep', 'run_task_merging',
+           'format_accuracy_table']
+
+# %% ../nbs/08_experiments.ipynb #30286259
+def param(v, # a parameter value, possibly a list or dict passed as a string (papermill -p)
+         ):
+    "`v`, with a string that holds a YAML list or mapping parsed (`'[256, 256]'` -> `[256, 256]`)."
+    if isinstance(v, str) and v.strip()[:1] in ('[', '{'):
+        import yaml
+        try: return yaml.safe_load(v)
+        except yaml.YAMLError as e: raise ValueError(f"cannot read the parameter value {v!r} as a YAML list or mapping: {str(e).splitlines()[0]}") from None
+    return v
 
 # %% ../nbs/08_experiments.ipynb #31384c68
 def _matcher_kwargs(name: str, template, data: Data, n: int, seed: int) -> dict:
@@ -49,76 +60,85 @@ def run_alignment(model: str='mlp', # registered model name
                   verbose: bool|None=None, # progress bars and messages
                  ) -> dict:
     "Train two models, align them with each matcher, compare naive / matched (/ REPAIRed) paths; write the run folder."
-    t0 = time.time(); out = ensure_dir(out)
+    t0 = time.time(); out = Path(out)
+    model_kw, train_kw, seeds, matchers, matcher_kw = map(param, (model_kw, train_kw, seeds, matchers, matcher_kw))
     if len(seeds) != 2 or seeds[0] == seeds[1]: raise ValueError(f"need two different seeds, got {list(seeds)}")
     for m in matchers: MATCHERS[m]  # unknown names fail before any work
     say = print if verbose is not False else (lambda *a, **k: None)
     dev = get_device(device)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter('always')
-        data = load_dataset(dataset, root=root, allow_sample=allow_sample, device=dev)
-    for w in caught: say(f"note: {w.message}")
-    tcfg = TrainConfig(**(train_kw or {}))
-    mcfg = model_config(model, data, **(model_kw or {}))
-    params = {'experiment': 'alignment', 'model': mcfg, 'dataset': dataset, 'data': {'name': data.name, 'source': data.source,
-              'n_train': len(data.x_train), 'n_test': len(data.x_test)}, 'train': asdict(tcfg), 'seeds': list(seeds),
-              'matchers': list(matchers), 'matcher_kw': matcher_kw or {}, 'repair': repair, 'n_lams': n_lams,
-              'repair_lams': repair_lams, 'calib_samples': calib_samples, 'eval_samples': eval_samples,
-              'device': str(dev), 'versions': versions()}
-    write_json(out/'params.json', params)
-    say(f"data: {data}")
-    models = [train(mcfg, data, tcfg, seed=s, cache=cache, device=dev, verbose=verbose) for s in seeds]
-    for s, m in zip(seeds, models):
-        say(f"model seed {s}: {'from cache' if m.from_cache else 'trained'} ({m.meta['metrics']['train_time_s']:.1f} s), "
-            f"test accuracy {100*m.meta['metrics']['test_acc']:.2f}%")
-    A, B = ({k: v.to(dev) for k, v in m.state_dict.items()} for m in models)
-    template = build_model(mcfg).to(dev)
-    spec = spec_for(template)
-    curves, matches = {'naive': interpolation_curve(template, A, B, data, n_lams, max_samples=eval_samples)}, {}
-    calib = data.x_train[:calib_samples]
-    for name in matchers:
-        t1 = time.time()
-        res = MATCHERS(name, [A, B], spec, **{**_matcher_kwargs(name, template, data, calib_samples, seeds[0]), **(matcher_kw or {}).get(name, {})})
-        info = {k: v for k, v in res.info.items() if k != 'losses'}; info['wall_time_s'] = time.time() - t1
-        matches[name] = info
-        Bp = apply(B, spec, res.alignments[1])
-        curves[f'{name} matching'] = interpolation_curve(template, A, Bp, data, n_lams, max_samples=eval_samples)
-        say(f"{name} matching: {info['wall_time_s']:.2f} s")
-        if repair:
-            rows = []
-            for lam in lambdas(repair_lams):
-                sd = sd_lerp(A, Bp, lam)
-                if 0 < lam < 1: sd = merging.repair(template, spec, A, Bp, sd, calib, lam)  # the flag shadows the function
-                for s in ('train', 'test'):
-                    x, y = data.split(s)
-                    if eval_samples: x, y = x[:eval_samples], y[:eval_samples]
-                    rows.append({'lam': lam, 'split': s, **evaluate(template, sd, x, y)})
-            curves[f'{name} + REPAIR'] = pd.DataFrame(rows)
-    ens = ensemble_eval(template, [A, B], *data.split('test'))
-    mid = lambda c: c.loc[(c.lam - 0.5).abs().idxmin(), 'lam']
-    rows = []
-    def row(name, c, lam):
-        r = c[c.lam == lam].set_index('split')
-        rows.append({'model': name, 'train loss': r.loss['train'], 'test loss': r.loss['test'],
-                     'train acc': r.acc['train'], 'test acc': r.acc['test'],
-                     'test loss barrier': barrier(c, 'loss', 'test') if 0 < lam < 1 else None,
-                     'train loss barrier': barrier(c, 'loss', 'train') if 0 < lam < 1 else None})
-    row(f'model A (seed {seeds[0]})', curves['naive'], 0.0); row(f'model B (seed {seeds[1]})', curves['naive'], 1.0)
-    for k, c in curves.items(): row(k.replace(' matching', ' matched') + ' midpoint', c, mid(c))
-    table = pd.DataFrame(rows).set_index('model')
-    barriers = {p: {f'{s}_{m}_barrier': barrier(c, m, s) for s in ('train', 'test') for m in ('loss', 'acc')} for p, c in curves.items()}
-    endpoint_acc = (table['test acc'].iloc[0] + table['test acc'].iloc[1]) / 2
-    metrics = {'table': table.reset_index().to_dict('records'), 'barriers': barriers, 'ensemble_test': ens,
-               'endpoints_mean_test_acc': endpoint_acc, 'matches': matches,
-               'midpoint_test_acc': {p: float(c[(c.lam == mid(c)) & (c.split == 'test')].acc.iloc[0]) for p, c in curves.items()},
-               'models': [m.meta['metrics'] for m in models]}
-    pd.concat([c.assign(path=k) for k, c in curves.items()]).to_csv(out/'curves.csv', index=False)
-    desc = f"{model} {model_kw or ''} on {data.source}".replace('{', '').replace('}', '').replace("'", '')
-    fig = plot_interpolation(curves, title=desc)
-    with atomic_path(out/'interpolation.png') as tmp: fig.savefig(tmp, dpi=110, format='png')
-    import matplotlib.pyplot as plt; plt.close(fig)
-    metrics['wall_time_s'] = time.time() - t0
-    write_json(out/'metrics.json', metrics)
+    with run_folder(out) as tmp:  # all or nothing: the folder appears (or replaces the last run's) only when finished
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            data = load_dataset(dataset, root=root, allow_sample=allow_sample, device=dev)
+        for w in caught: say(f"note: {w.message}")
+        tcfg = TrainConfig(**(train_kw or {}))
+        mcfg = model_config(model, data, **(model_kw or {}))
+        params = {'experiment': 'alignment', 'model': mcfg, 'dataset': dataset, 'data': {'name': data.name, 'source': data.source,
+                  'fingerprint': data.fingerprint, 'n_train': len(data.x_train), 'n_test': len(data.x_test)}, 'train': asdict(tcfg), 'seeds': list(seeds),
+                  'matchers': list(matchers), 'matcher_kw': matcher_kw or {}, 'repair': repair, 'n_lams': n_lams,
+                  'repair_lams': repair_lams, 'calib_samples': calib_samples, 'eval_samples': eval_samples,
+                  'device': str(dev), 'versions': versions()}
+        say(f"data: {data}")
+        models = [train(mcfg, data, tcfg, seed=s, cache=cache, device=dev, verbose=verbose) for s in seeds]
+        for s, m in zip(seeds, models):
+            say(f"model seed {s}: {'from cache' if m.from_cache else 'trained'} ({m.meta['metrics']['train_time_s']:.1f} s), "
+                f"test accuracy {100*m.meta['metrics']['test_acc']:.2f}%")
+        A, B = ({k: v.to(dev) for k, v in m.state_dict.items()} for m in models)
+        template = build_model(mcfg).to(dev)
+        spec = spec_for(template)
+        curves, matches = {'naive': interpolation_curve(template, A, B, data, n_lams, max_samples=eval_samples)}, {}
+        calib = data.x_train[:calib_samples]
+        for name in matchers:
+            t1 = time.time()
+            res = MATCHERS(name, [A, B], spec, **{**_matcher_kwargs(name, template, data, calib_samples, seeds[0]), **(matcher_kw or {}).get(name, {})})
+            info = {k: v for k, v in res.info.items() if k != 'losses'}; info['wall_time_s'] = time.time() - t1
+            matches[name] = info
+            Bp = apply(B, spec, res.alignments[1])
+            curves[f'{name} matching'] = interpolation_curve(template, A, Bp, data, n_lams, max_samples=eval_samples)
+            say(f"{name} matching: {info['wall_time_s']:.2f} s")
+            if repair:
+                rows = []
+                for lam in lambdas(repair_lams):
+                    sd = sd_lerp(A, Bp, lam)
+                    if 0 < lam < 1: sd = merging.repair(template, spec, A, Bp, sd, calib, lam)  # the flag shadows the function
+                    for s in ('train', 'test'):
+                        x, y = data.split(s)
+                        if eval_samples: x, y = x[:eval_samples], y[:eval_samples]
+                        rows.append({'lam': lam, 'split': s, **evaluate(template, sd, x, y)})
+                curves[f'{name} + REPAIR'] = pd.DataFrame(rows)
+        ens = ensemble_eval(template, [A, B], *data.split('test'))
+        mid = lambda c: c.loc[(c.lam - 0.5).abs().idxmin(), 'lam']
+        rows = []
+        def row(name, c, lam):
+            r = c[c.lam == lam].set_index('split')
+            rows.append({'model': name, 'train loss': r.loss['train'], 'test loss': r.loss['test'],
+                         'train acc': r.acc['train'], 'test acc': r.acc['test'],
+                         'test loss barrier': barrier(c, 'loss', 'test') if 0 < lam < 1 else None,
+                         'train loss barrier': barrier(c, 'loss', 'train') if 0 < lam < 1 else None})
+        row(f'model A (seed {seeds[0]})', curves['naive'], 0.0); row(f'model B (seed {seeds[1]})', curves['naive'], 1.0)
+        for k, c in curves.items(): row(k.replace(' matching', ' matched') + ' midpoint', c, mid(c))
+        table = pd.DataFrame(rows).set_index('model')
+        barriers = {p: {f'{s}_{m}_barrier': barrier(c, m, s) for s in ('train', 'test') for m in ('loss', 'acc')} for p, c in curves.items()}
+        endpoint_acc = (table['test acc'].iloc[0] + table['test acc'].iloc[1]) / 2
+        metrics = {'table': table.reset_index().to_dict('records'), 'barriers': barriers, 'ensemble_test': ens,
+                   'endpoints_mean_test_acc': endpoint_acc, 'matches': matches,
+                   'midpoint_test_acc': {p: float(c[(c.lam == mid(c)) & (c.split == 'test')].acc.iloc[0]) for p, c in curves.items()},
+                   'models': [m.meta['metrics'] for m in models],
+                   # what these numbers were computed from, so that metrics.json stands on its own
+                   'computed_from': {**{k: params[k] for k in ('model', 'data', 'train', 'seeds', 'matchers', 'matcher_kw', 'repair',
+                                                              'calib_samples', 'eval_samples', 'device')},
+                                     'model_keys': [m.meta.get('key') for m in models]}}
+        first = f'{matchers[0]} matching' if matchers else None
+        if first:  # the number the demo and the acceptance test read: the first matcher's midpoint against the endpoints
+            metrics.update(matched_midpoint_test_acc=metrics['midpoint_test_acc'][first],
+                           matched_midpoint_gap_points=100 * (endpoint_acc - metrics['midpoint_test_acc'][first]))
+        pd.concat([c.assign(path=k) for k, c in curves.items()]).to_csv(tmp/'curves.csv', index=False)
+        desc = f"{model} {model_kw or ''} on {data.source}".replace('{', '').replace('}', '').replace("'", '')
+        fig = plot_interpolation(curves, title=desc)
+        fig.savefig(tmp/'interpolation.png', dpi=110, format='png')
+        import matplotlib.pyplot as plt; plt.close(fig)
+        metrics['wall_time_s'] = time.time() - t0
+        write_json(tmp/'params.json', params); write_json(tmp/'metrics.json', metrics)
     return {'table': table, 'curves': curves, 'metrics': metrics, 'params': params, 'out': out, 'spec': spec}
 
 # %% ../nbs/08_experiments.ipynb #0609f988
@@ -138,14 +158,11 @@ def run_rebasin_mlp(dataset: str='mnist', # data set name (mnist, fashion_mnist,
                     verbose: bool|None=None, # progress bars and messages
                     matchers: list[str]=('weight',), # matchers to compare
                     repair: bool=False, # also REPAIR each matched path
+                    matcher_kw: dict|None=None, # per matcher: extra parameters, e.g. {'ste': {'profile': 'paper'}}
                    ) -> dict:
     "Train two MLPs, weight-match them, compare naive and matched interpolation; write the run folder."
-    r = run_alignment('mlp', {'widths': list(widths)}, dataset, {'epochs': epochs, 'lr': lr, 'batch_size': batch_size},
-                      seeds, matchers, None, repair, n_lams, 5, 5000, eval_samples, out, root, allow_sample, device, cache, verbose)
-    m = r['metrics']; mid = m['midpoint_test_acc'][f'{matchers[0]} matching']
-    m.update(matched_midpoint_test_acc=mid, matched_midpoint_gap_points=100 * (m['endpoints_mean_test_acc'] - mid))
-    write_json(Path(out)/'metrics.json', m)
-    return r
+    return run_alignment('mlp', {'widths': list(param(widths))}, dataset, {'epochs': epochs, 'lr': lr, 'batch_size': batch_size},
+                         seeds, matchers, matcher_kw, repair, n_lams, 5, 5000, eval_samples, out, root, allow_sample, device, cache, verbose)
 
 # %% ../nbs/08_experiments.ipynb #c5406805
 def format_table(table: pd.DataFrame) -> str:
@@ -155,6 +172,48 @@ def format_table(table: pd.DataFrame) -> str:
         if 'acc' in c: t[c] = t[c].map(lambda v: f"{100*v:.2f}%")
         else: t[c] = t[c].map(lambda v: '' if v is None or pd.isna(v) else f"{v:.4f}")
     return t.to_string()
+
+# %% ../nbs/08_experiments.ipynb #2a5dd4a5
+def run_width_sweep(model: str='resnet20', # registered model name (with a `width` argument)
+                    widths: list[float]=(1,), # width multipliers
+                    model_kw: dict|None=None, # other model arguments, e.g. {'norm': 'ln'}
+                    dataset: str='cifar10', # data set name
+                    train_kw: dict|None=None, # TrainConfig fields
+                    seeds: list[int]=(0, 1), # seeds of the two endpoints
+                    n_lams: int=11, # points on the λ grid
+                    eval_samples: int|None=5000, # samples per split on the curves
+                    out: str|Path='runs/width_sweep', # run folder (one subfolder per width)
+                    root: str|Path|None=None, # data folder (else $MODELFUSION_DATA)
+                    device: str|None=None, # None: CUDA when available
+                    cache: bool|str=True, # the model cache
+                    verbose: bool|None=False, # progress bars and messages
+                   ) -> dict:
+    "Weight-matching barriers at each width multiplier: a table, a plot, one run folder."
+    import matplotlib.pyplot as plt
+    out = Path(out); rows, t0 = [], time.time()
+    widths, model_kw, train_kw, seeds = map(param, (widths, model_kw, train_kw, seeds))
+    with run_folder(out) as tmp:
+        for w in widths:
+            r = run_alignment(model, {**(model_kw or {}), 'width': w}, dataset, train_kw, seeds, ['weight'], n_lams=n_lams,
+                              eval_samples=eval_samples, out=tmp/f'width{w:g}', root=root, device=device, cache=cache, verbose=verbose)
+            b = r['metrics']['barriers']
+            rows.append({'width': w, 'endpoints test acc': r['metrics']['endpoints_mean_test_acc'],
+                         'naive test loss barrier': b['naive']['test_loss_barrier'], 'matched test loss barrier': b['weight matching']['test_loss_barrier'],
+                         'naive train loss barrier': b['naive']['train_loss_barrier'], 'matched train loss barrier': b['weight matching']['train_loss_barrier']})
+        table = pd.DataFrame(rows).set_index('width')
+        params = {'experiment': 'width_sweep', 'model': model, 'widths': list(widths), 'model_kw': model_kw or {}, 'dataset': dataset,
+                  'train_kw': train_kw or {}, 'seeds': list(seeds), 'n_lams': n_lams, 'eval_samples': eval_samples, 'versions': versions()}
+        fig, ax = plt.subplots(figsize=(5, 3.4))
+        for col, style in [('naive test loss barrier', 'o--'), ('matched test loss barrier', 'o-')]:
+            ax.plot(table.index, table[col], style, label=col.replace(' test loss barrier', ''))
+        ax.set_xscale('log', base=2); ax.set_xlabel('width multiplier'); ax.set_ylabel('test loss barrier'); ax.legend(); ax.grid(alpha=.3)
+        ax.set_title(f"{model} {model_kw or ''} on {r['params']['data']['source']}".replace('{', '').replace('}', '').replace("'", ''), fontsize=9)
+        fig.tight_layout(); fig.savefig(tmp/'barrier_vs_width.png', dpi=110); plt.close(fig)
+        write_json(tmp/'params.json', params)
+        write_json(tmp/'metrics.json', {'table': table.reset_index().to_dict('records'), 'computed_from': {k: params[k] for k in
+                   ('model', 'widths', 'model_kw', 'dataset', 'train_kw', 'seeds', 'eval_samples')} | {'data': r['params']['data']},
+                   'wall_time_s': time.time() - t0})
+    return {'table': table, 'out': out, 'params': params}
 
 # %% ../nbs/08_experiments.ipynb #1ba20b3a
 from .pipeline import compose, fuse, task_data, ModelPool, TaskPool, _train_cfg
@@ -174,11 +233,18 @@ def run_task_merging(modelpool: str|dict='mnist_mlp_tasks', # model pool config 
                      config_dir=None, # extra config folders
                     ) -> dict:
     "Merge a pool of fine-tuned models with each method; table of per-task and average accuracy with bounds; write the run folder."
-    t0 = time.time(); out = ensure_dir(out)
+    t0 = time.time(); out = Path(out); methods, overrides = param(methods), param(overrides)
     say = print if verbose is not False else (lambda *a, **k: None)
     runs = [m.split() for m in methods]
     cfgs = {' '.join(r): compose(r[0], modelpool, taskpool, [*overrides, *r[1:]], config_dir) for r in runs}  # all checked first
     if not cfgs: raise ValueError("no methods given")
+    with run_folder(out) as tmp:
+        r = _task_merging(tmp, cfgs, overrides, multitask, root, cache, verbose, say, t0)
+    for label, rep in r['reports'].items(): rep['out'] = str(out/_slug(label))
+    return {**r, 'out': out}
+
+def _task_merging(out, cfgs, overrides, multitask, root, cache, verbose, say, t0) -> dict:
+    "The body of `run_task_merging`, writing into the (temporary) run folder `out`."
     first = next(iter(cfgs.values()))
     write_json(out/'params.json', {'experiment': 'task_merging', 'modelpool': first['modelpool'], 'taskpool': first['taskpool'],
                                    'methods': list(cfgs), 'overrides': list(overrides), 'multitask': multitask, 'versions': versions()})
@@ -216,9 +282,11 @@ def run_task_merging(modelpool: str|dict='mnist_mlp_tasks', # model pool config 
     table['average'].iloc[::-1].plot.barh(ax=ax, color='tab:blue')
     ax.set_xlabel('average test accuracy over tasks'); ax.set_xlim(0, 1); ax.set_title(f"{first['modelpool'].get('name', '')} on {first['taskpool'].get('name', '')}")
     fig.tight_layout()
-    with atomic_path(out/'accuracy.png') as tmp: fig.savefig(tmp, dpi=110, format='png')
+    fig.savefig(out/'accuracy.png', dpi=110, format='png')
     plt.close(fig)
     metrics = {'table': table.reset_index().to_dict('records'), 'tasks': tasks, 'pool': pool_info,
+               'computed_from': {'modelpool': first['modelpool'], 'taskpool': first['taskpool'], 'methods': {k: c['method'] for k, c in cfgs.items()},
+                                 'seed': first['seed']},
                'timings': {k: r['timings'] for k, r in reports.items()}, 'wall_time_s': time.time() - t0}
     write_json(out/'metrics.json', metrics)
     return {'table': table, 'reports': reports, 'metrics': metrics, 'out': out}

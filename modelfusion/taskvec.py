@@ -131,12 +131,15 @@ def dare_sparsify(tv: StateDict, # one task vector
         out[n] = t * keep / (1 - p) if rescale else t * keep
     return out
 
-_DARE_BASES = {'task_arithmetic': _ta, 'ties_merging': _ties}
+def _avg(tv, base, sds):  # θ₀ + mean τᵢ: simple averaging on (sparsified) task vectors
+    return _ta(tv, base, sds, 1 / len(tv))
+
+_DARE_BASES = {'task_arithmetic': _ta, 'ties_merging': _ties, 'simple_average': _avg}
 
 def dare(sds: list[StateDict], # models fine-tuned from `base`
          base: StateDict|None, # the base model θ₀
          p: float=0.5, # drop rate
-         merge: str='task_arithmetic', # what merges the sparsified models: 'task_arithmetic' or 'ties_merging'
+         merge: str='task_arithmetic', # what merges the sparsified models: 'task_arithmetic', 'ties_merging' or 'simple_average'
          rescale: bool=True, # rescale kept entries by 1/(1-p)
          seed: int=0, # seed of the drop masks
          **merge_kw, # the merge's parameters (lam; k and merge_func for TIES)

@@ -92,17 +92,17 @@ def test_pipeline_methods_do_not_modify_the_pool(tasks_pool):
     for n, sd in tasks_pool.models.items(): assert all(torch.equal(sd[k], before[n][k]) for k in sd)
 
 
-# --- every shipped method config through the CLI ----------------------------------------------------------------------
+# --- every method through the CLI, by name ----------------------------------------------------------------------
 
 def test_list_methods_names_every_method(capsys):
     assert main(['list', 'methods']) == 0
     out = capsys.readouterr().out
     assert all(m in out for m in METHODS) and set(TASK_METHODS) | {'fedmr', 'weight_matching'} <= set(METHODS)
-    assert set(list_configs('method')) >= set(METHODS)
+    assert all(load_config('method', m)['name'] == m for m in METHODS)  # every method runs by name, with no YAML file
 
 
 @pytest.mark.parametrize('method', TASK_METHODS)
-def test_fuse_task_vector_methods_from_shipped_configs(method, tmp_path, cache, monkeypatch, capsys):
+def test_fuse_task_vector_methods_by_name(method, tmp_path, cache, monkeypatch, capsys):
     monkeypatch.setenv('MODELFUSION_CACHE', cache)
     rc = main(['fuse', f'method={method}', 'modelpool=digits_mlp_tasks', 'taskpool=digits_tasks', '--out', str(tmp_path/'run'), '--quiet'])
     assert rc == 0, capsys.readouterr().err
