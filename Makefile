@@ -13,7 +13,7 @@ ifeq ($(origin MODELFUSION_DATA),undefined)
   endif
 endif
 
-.PHONY: env demo test sync nbtest pytest bench export clean
+.PHONY: env demo lab test sync nbtest pytest bench export clean
 
 env: $(VENV)/.installed
 
@@ -25,6 +25,12 @@ $(VENV)/.installed: constraints.txt settings.ini setup.py pyproject.toml
 
 demo: env
 	$(BIN)/modelfusion demo $(DEMO_ARGS)
+
+# JupyterLab from the venv, in nbs/, with the `modelfusion` kernel and ipywidgets (the λ slider) available.
+# Options: make lab LAB_ARGS="--no-browser --port=8899". As root, --allow-root is added (Jupyter refuses root otherwise).
+LAB_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
+lab: env
+	cd nbs && exec $(abspath $(BIN))/jupyter lab $(LAB_ROOT) $(LAB_ARGS)
 
 # The whole suite: notebooks in sync with modelfusion/, in-notebook tests, pytest (incl. papermill smoke runs).
 test: env sync nbtest pytest

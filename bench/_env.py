@@ -8,11 +8,18 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _default_data_dir() -> None:
-    "Point MODELFUSION_DATA at the shared data folder when the variable is unset and the folder exists."
+    "Point MODELFUSION_DATA at `../shared/data` (next to the repository) when the variable is unset and that folder holds MNIST."
     if 'MODELFUSION_DATA' in os.environ: return
-    for cand in (ROOT.parent/'shared'/'data', Path('/work/shared/data')):
-        if (cand/'mnist').is_dir():
-            os.environ['MODELFUSION_DATA'] = str(cand); return
+    cand = ROOT.parent/'shared'/'data'
+    if (cand/'mnist').is_dir(): os.environ['MODELFUSION_DATA'] = str(cand)
+
+
+def repo_rel(path) -> str:
+    """`path` as result files record it: relative to the repository root (`../shared/data`, `bench/results/x.json`) when it
+    lies inside the repository or next to it, so that no machine's absolute path is committed; anything else as given."""
+    if not path: return ''
+    p = Path(os.path.abspath(Path(path).expanduser()))  # relative paths are relative to the working directory
+    return os.path.relpath(p, ROOT) if p.is_relative_to(ROOT.parent) else str(path)
 
 
 _default_data_dir()

@@ -271,7 +271,7 @@ def main(argv=None):
             'device': str(dev), 'device_name': device_name(dev), 'torch': torch.__version__, 'threads': torch.get_num_threads(),
             'numpy': np.__version__, 'scipy': scipy.__version__, 'python': platform.python_version(), 'commit': git_commit(),
             'data': f"{data.source}: {len(data.x_train)} train / {len(data.x_test)} test",
-            'MODELFUSION_DATA': os.environ.get('MODELFUSION_DATA', ''), 'args': vars(args), 'loadavg_start': loadavg()}
+            'MODELFUSION_DATA': repo_rel(os.environ.get('MODELFUSION_DATA', '')), 'args': {**vars(args), 'out': repo_rel(args.out)}, 'loadavg_start': loadavg()}
     log(f"data: {meta['data']}; device {dev} ({meta['device_name']}), {meta['threads']} threads")
 
     meta['complete'] = False  # partial results are saved after each section, in case the run is interrupted

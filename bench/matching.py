@@ -330,8 +330,8 @@ def main(argv=None):
             'command': shlex.join(['python', 'bench/matching.py'] + (argv if argv is not None else sys.argv[1:])),
             'device': str(dev), 'device_name': device_name(dev), 'cpu_count': os.cpu_count(), 'torch': torch.__version__,
             'threads': torch.get_num_threads(), 'numpy': np.__version__, 'scipy': scipy.__version__, 'rebasin': rb_version,
-            'python': platform.python_version(), 'commit': git_commit(), 'args': vars(args), 'loadavg_start': loadavg(),
-            'MODELFUSION_DATA': os.environ.get('MODELFUSION_DATA', '')}
+            'python': platform.python_version(), 'commit': git_commit(), 'args': {**vars(args), 'out': repo_rel(args.out)}, 'loadavg_start': loadavg(),
+            'MODELFUSION_DATA': repo_rel(os.environ.get('MODELFUSION_DATA', ''))}
     t_start = time.perf_counter()
     log(f"device {dev} ({meta['device_name']}), {meta['threads']} threads, rebasin {rb_version}; warming up")
     warm_up(dev, args, log)
