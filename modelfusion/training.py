@@ -156,8 +156,9 @@ def save_checkpoint(path: str|Path, # the .safetensors file to write
 
 def _refuse_pickle(path: Path) -> None:
     "Raise `CheckpointError` when `path` is a `torch.save` file (a zip archive or a raw pickle), which is never unpickled."
-    with open(path, 'rb') as f: head = f.read(4)
-    if head[:4] == b'PK\x03\x04' or head[:1] == b'\x80':
+    with open(path, 'rb') as f: head = f.read(9)
+    if head[8:9] == b'{': return  # safetensors: an 8-byte header length, then the JSON header
+    if head[:4] == b'PK\x03\x04' or (head[:1] == b'\x80' and head[1:2] in (b'\x02', b'\x03', b'\x04', b'\x05')):
         out = path.with_suffix('.safetensors') if path.suffix != '.safetensors' else path.with_name(path.stem + '_converted.safetensors')
         raise CheckpointError(
             f"{path} is a torch.save pickle, not a safetensors file; modelfusion never unpickles files (unpickling can run "

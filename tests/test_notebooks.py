@@ -6,7 +6,8 @@ from conftest import ROOT
 EXPERIMENTS = sorted((ROOT/'nbs'/'experiments').glob('*.ipynb'))
 # Tiny parameters per experiment notebook: every notebook in nbs/experiments/ must have an entry.
 SMOKE = {
-    'git_rebasin_mnist_mlp': dict(dataset='digits', widths=[32, 32], epochs=2, n_lams=3, eval_samples=300, matchers=['weight', 'activation', 'ste']),
+    # list parameters as strings, the way `papermill -p widths "[32, 32]"` passes them: the runner parses them
+    'git_rebasin_mnist_mlp': dict(dataset='digits', widths='[32, 32]', epochs=2, n_lams=3, eval_samples=300, matchers='[weight, activation, ste]'),
     'repair': dict(model='mlp', model_kw={'widths': [32, 32]}, dataset='digits', train_kw={'epochs': 2, 'batch_size': 64},
                    n_lams=3, repair_lams=3, calib_samples=500, eval_samples=300),
     'git_rebasin_resnet20_width': dict(widths=[0.25, 0.5], dataset='digits', train_kw={'epochs': 1, 'batch_size': 64}, n_lams=3, eval_samples=200),
@@ -40,4 +41,5 @@ def test_experiment_notebook_runs(nb, tmp_path, monkeypatch):
     pm.execute_notebook(str(nb), str(tmp_path/nb.name), parameters={**SMOKE[nb.stem], 'out': str(out)},
                         kernel_name=_kernel(), cwd=str(nb.parent), progress_bar=False)
     assert json.loads((out/'params.json').read_text()) and json.loads((out/'metrics.json').read_text())
+    assert (out/'.modelfusion-run').exists()  # a finished, all-or-nothing run folder
     assert any(p.suffix == '.png' for p in out.iterdir())
