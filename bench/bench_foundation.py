@@ -28,7 +28,7 @@ from modelfusion.data import load_dataset, Data
 from modelfusion.models import MLP
 from modelfusion.training import fit, train, TrainConfig, model_config
 from modelfusion.spec import mlp_spec
-from modelfusion.matching import weight_matching
+from modelfusion.methods.weight_matching import weight_matching
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -28,11 +28,12 @@ import numpy as np
 import scipy
 import torch
 
-import modelfusion.matching as mf_matching
+import modelfusion.methods.weight_matching as mf_matching
+from modelfusion.core import is_stat
 from modelfusion.models import MLP, ResNet20
 from modelfusion.spec import apply
 from modelfusion.trace import spec_for
-from modelfusion.matching import weight_matching
+from modelfusion.methods.weight_matching import weight_matching
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -145,7 +146,7 @@ def run_modelfusion(case: Case, dev: torch.device, params: list[str] | None = No
         res = weight_matching([case.sd_a, case.sd_b], spec, device=str(dev))
         sync(dev); t2 = time.perf_counter()
     al = res.alignments[1]
-    params = params or [p for p in spec.by_param() if not mf_matching._is_stat(p)]
+    params = params or [p for p in spec.by_param() if not is_stat(p)]
     sd_b_new = apply(case.sd_b, spec, al)
     ok, err = equivalent(model_b, sd_b_new, case.x, ref)
     info = res.info
@@ -204,7 +205,7 @@ def measure(case: Case, dev: torch.device, args, log) -> dict:
                 if tool == 'modelfusion': res, params = run_modelfusion(case, dev)
                 else:
                     if params is None:  # the objective's parameter set comes from modelfusion's spec
-                        params = [p for p in spec_for(case.models('cpu')[0], case.x).by_param() if not mf_matching._is_stat(p)]
+                        params = [p for p in spec_for(case.models('cpu')[0], case.x).by_param() if not is_stat(p)]
                     res = run_rebasin(case, dev, params, args.max_iterations)
             except Exception as e:
                 res = {'error': f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}",
@@ -286,7 +287,7 @@ def warm_up(dev, args, log) -> None:
             try:
                 if tool == 'modelfusion': run_modelfusion(case, dev)
                 else:
-                    params = [p for p in spec_for(case.models('cpu')[0], case.x).by_param() if not mf_matching._is_stat(p)]
+                    params = [p for p in spec_for(case.models('cpu')[0], case.x).by_param() if not is_stat(p)]
                     run_rebasin(case, dev, params, args.max_iterations)
             except Exception as e: log(f"  warm-up: {tool} failed on {case.name}: {type(e).__name__}: {e}")
 

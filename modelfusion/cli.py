@@ -53,8 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument('--device', default=None, help='cpu, cuda, ... (default: cuda when available)')
     a.add_argument('--quiet', action='store_true', help='no progress bars or messages')
     l = sub.add_parser('list', help='list registered names and shipped configs',
-                       description='List the registered data sets, models, matchers, merges or methods, or the model pool / task pool configs.')
-    l.add_argument('what', choices=['datasets', 'models', 'matchers', 'merges', 'methods', 'modelpools', 'taskpools'])
+                       description='List the registered data sets, models, matchers, methods, fixes or selectors, or the model pool / task pool configs.')
+    l.add_argument('what', choices=['datasets', 'models', 'matchers', 'methods', 'fixes', 'selectors', 'modelpools', 'taskpools'])
     l.add_argument('--config-dir', action='append', default=[], help='also search this config folder (repeatable)')
     f = sub.add_parser('fuse', help='run a method on a model pool, evaluate on a task pool, write a JSON report',
                        description='Run one fusion method on one model pool and evaluate the result on one task pool. '
@@ -99,9 +99,8 @@ def align(args) -> int:
 def list_names(args) -> int:
     from modelfusion.data import DATASETS
     from modelfusion.models import MODELS
-    from modelfusion.matching import MATCHERS
-    from modelfusion.merging import MERGES
-    from modelfusion.pipeline import METHODS, list_configs, load_config
+    from modelfusion.fusion import MATCHERS, METHODS, FIXES, SELECTORS
+    from modelfusion.pipeline import list_configs, load_config
     if args.what in ('modelpools', 'taskpools'):
         kind = args.what[:-1]
         for name, path in list_configs(kind, args.config_dir).items():
@@ -109,7 +108,8 @@ def list_names(args) -> int:
             except ModelFusionError as e: desc = f'(unreadable: {e})'
             print(f"{name:22s} {desc}")
         return 0
-    reg = {'datasets': DATASETS, 'models': MODELS, 'matchers': MATCHERS, 'merges': MERGES, 'methods': METHODS}[args.what]
+    reg = {'datasets': DATASETS, 'models': MODELS, 'matchers': MATCHERS, 'methods': METHODS, 'fixes': FIXES, 'selectors': SELECTORS}[args.what]
+    if not len(reg): print(f"no {args.what} registered yet"); return 0
     for name in reg:
         e = reg[name]; also = sorted(a for a, t in reg.aliases.items() if t == name)
         print(f"{name:20s} {e.summary}" + (f"  [{e.paper}]" if e.paper else '') + (f"  (also: {', '.join(also)})" if also else ''))
@@ -131,7 +131,8 @@ def demo(args) -> int:
 
 def show(args) -> int:
     import inspect, yaml
-    from modelfusion.pipeline import METHODS, PARAM_ALIASES, method_schema, list_configs, load_config, _type_name
+    from modelfusion.fusion import METHODS, method_schema, type_name
+    from modelfusion.pipeline import list_configs, load_config
     if args.kind != 'method':
         print(yaml.safe_dump(load_config(args.kind, args.name, args.config_dir), sort_keys=False).rstrip()); return 0
     e = METHODS[args.name]
@@ -143,9 +144,9 @@ def show(args) -> int:
     ps = method_schema(e.name)
     print('parameters:' if ps else 'parameters: none')
     for k, p in ps.items():
-        print(f"  {k:14s} {_type_name(p.type) if p.type is not Any else '':28s} " + ('required' if p.required else f"default {p.default!r}"))
+        print(f"  {k:14s} {type_name(p.type) if p.type is not Any else '':28s} " + ('required' if p.required else f"default {p.default!r}"))
         if p.doc: print(f"  {'':14s} {p.doc}")
-    fb = {their: ours for their, (ours, _) in PARAM_ALIASES.get(e.name, {}).items()}
+    fb = {their: ours[0] if isinstance(ours, tuple) else ours for their, ours in e.renames.items()}
     if fb: print("FusionBench's parameter names are accepted too: " + ', '.join(f"{t} -> {o}" for t, o in fb.items()))
     shipped = [n for n, p in list_configs('method', args.config_dir).items() if load_config('method', p).get('name') == e.name]
     if shipped: print(f"configs: {', '.join(shipped)}  (modelfusion fuse method={shipped[0]} ...)")

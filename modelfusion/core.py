@@ -11,10 +11,11 @@ from typing import Callable, Any, Iterable, Mapping
 import numpy as np
 import torch
 from torch import Tensor
+from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['StateDict', 'RUN_MARKER', 'ModelFusionError', 'IncompatibleModels', 'NonFiniteWeights', 'UnknownName', 'DataNotFound',
-           'CheckpointError', 'OutputNotWritable', 'NotAModel', 'clone_sd', 'is_float', 'as_sd', 'as_sds',
+           'CheckpointError', 'OutputNotWritable', 'NotAModel', 'clone_sd', 'is_stat', 'is_float', 'as_sd', 'as_sds',
            'check_finite', 'check_compatible', 'sd_combine', 'sd_lerp', 'seed_everything', 'get_device', 'autocast',
            'Entry', 'Registry', 'ensure_dir', 'atomic_path', 'atomic_write_text', 'write_json', 'run_folder',
            'config_hash', 'file_sha256', 'versions', 'cache_dir', 'progress_enabled', 'progress']
@@ -52,6 +53,10 @@ def clone_sd(sd: StateDict, # a state dict
             ) -> StateDict:
     "A detached deep copy of `sd`."
     return {k: v.detach().clone() for k, v in sd.items()}
+
+def is_stat(key: str) -> bool:
+    "Whether a state-dict key is a BatchNorm statistic (running mean/var, batch count): state, not a learned weight."
+    return key.endswith(('running_mean', 'running_var', 'num_batches_tracked'))
 
 def is_float(t: Tensor) -> bool:
     "Whether `t` holds floating-point values (integer buffers such as `num_batches_tracked` do not)."
@@ -154,47 +159,85 @@ def autocast(device: torch.device, # where the computation runs
 # %% ../nbs/00_core.ipynb #0ed9a3cb
 @dataclass(frozen=True)
 class Entry:
-    "One registered object: its name, the callable, a paper link and a one-line summary."
+    "One registered object: its name, the callable, a paper link, a one-line summary, and other libraries' parameter names."
     name: str
     fn: Callable
     paper: str = ''
     summary: str = ''
+    renames: dict = field(default_factory=dict)  # another library's parameter name -> ours, or (ours, conversion)
     def params(self) -> dict[str, Any]:
         "The callable's parameters and their defaults (`inspect.Parameter.empty` when required)."
         return {n: p.default for n, p in inspect.signature(self.fn).parameters.items()}
 
+# %% ../nbs/00_core.ipynb #5d407d3c
 class Registry:
-    "Named entries of one kind (data sets, models, matchers, merges, ...), plus aliases (other names of an entry)."
-    def __init__(self, kind: str): self.kind, self.entries, self.aliases = kind, {}, {}
-    def register(self, name: str, paper: str='', summary: str=''):
-        "Decorator that registers a callable under `name`."
-        def deco(fn):
-            if (name in self.entries and self.entries[name].fn is not fn) or name in self.aliases:
-                raise ValueError(f"{self.kind} '{name}' is registered twice")
-            self.entries[name] = Entry(name, fn, paper, summary or (inspect.getdoc(fn) or '').split('\n')[0])
-            return fn
-        return deco
-    def alias(self, alias: str, # another name, e.g. the one another library uses
-              name: str, # the registered name it stands for
-             ) -> None:
-        "Make `alias` another name of the entry `name`."
-        self[name]
-        if alias in self.entries or self.aliases.get(alias, name) != name: raise ValueError(f"{self.kind} '{alias}' is registered twice")
-        self.aliases[alias] = name
-    def resolve(self, name: str) -> str:
-        "The registered name behind `name` (itself, or the target of an alias)."
-        return self[name].name
-    def __getitem__(self, name: str) -> Entry:
-        name = self.aliases.get(name, name)
-        if name not in self.entries:
-            raise UnknownName(f"unknown {self.kind} '{name}'; known {self.kind}s: {', '.join(sorted(self.entries))}"
-                              + (f" (and aliases: {', '.join(sorted(self.aliases))})" if self.aliases else ''))
-        return self.entries[name]
-    def __call__(self, name: str, *args, **kwargs): return self[name].fn(*args, **kwargs)
-    def __contains__(self, name): return name in self.entries or name in self.aliases
-    def __iter__(self): return iter(sorted(self.entries))
-    def __len__(self): return len(self.entries)
-    def __repr__(self): return f"Registry({self.kind}: {', '.join(self)})"
+    "Named entries of one kind (data sets, models, matchers, methods, ...), plus aliases (other names of an entry)."
+    def __init__(self, kind: str, # what an entry is, for messages
+                 discover: Callable|None=None, # called once before the first look-up, to import the registering modules
+                ):
+        self.kind, self.entries, self.aliases, self._discover = kind, {}, {}, discover
+    def ready(self) -> Registry:
+        "Run discovery (once)."
+        if self._discover is not None:
+            d, self._discover = self._discover, None
+            d()
+        return self
+
+# %% ../nbs/00_core.ipynb #15771591
+@patch
+def register(self: Registry, name: str, # the name users call it by
+             paper: str='', # link to the paper
+             summary: str='', # one line (default: the docstring's first line)
+             aliases: Iterable[str]=(), # other names, e.g. another library's
+             renames: dict|None=None, # another library's parameter names: {theirs: ours} or {theirs: (ours, conversion)}
+            ):
+    "Decorator that registers a callable under `name`."
+    def deco(fn):
+        old = self.entries.get(name)
+        redefined = old is not None and getattr(old.fn, '__qualname__', 0) == getattr(fn, '__qualname__', 1)
+        if (old is not None and old.fn is not fn and not redefined) or name in self.aliases:
+            raise ValueError(f"{self.kind} '{name}' is registered twice")
+        doc = (inspect.getdoc(fn) or '').split('\n')[0]
+        self.entries[name] = Entry(name, fn, paper, summary or doc, dict(renames or {}))
+        for a in aliases: self.alias(a, name)
+        return fn
+    return deco
+
+@patch
+def alias(self: Registry, alias: str, # another name, e.g. the one another library uses
+          name: str, # the registered name it stands for
+         ) -> None:
+    "Make `alias` another name of the entry `name`."
+    if name not in self.entries: self[name]  # (an unknown name fails, listing the known ones)
+    if alias in self.entries or self.aliases.get(alias, name) != name:
+        raise ValueError(f"{self.kind} '{alias}' is registered twice")
+    self.aliases[alias] = name
+
+# %% ../nbs/00_core.ipynb #3dff4765
+@patch
+def __getitem__(self: Registry, name: str) -> Entry:
+    self.ready()
+    name = self.aliases.get(name, name)
+    if name not in self.entries:
+        also = f" (and aliases: {', '.join(sorted(self.aliases))})" if self.aliases else ''
+        raise UnknownName(f"unknown {self.kind} '{name}'; known {self.kind}s: {', '.join(sorted(self.entries))}{also}")
+    return self.entries[name]
+
+@patch
+def resolve(self: Registry, name: str) -> str:
+    "The registered name behind `name` (itself, or the target of an alias)."
+    return self[name].name
+
+@patch
+def __call__(self: Registry, name: str, *args, **kwargs): return self[name].fn(*args, **kwargs)
+@patch
+def __contains__(self: Registry, name): return name in self.ready().entries or name in self.aliases
+@patch
+def __iter__(self: Registry): return iter(sorted(self.ready().entries))
+@patch
+def __len__(self: Registry): return len(self.ready().entries)
+@patch
+def __repr__(self: Registry): return f"Registry({self.kind}: {', '.join(self)})"
 
 # %% ../nbs/00_core.ipynb #14674230
 def ensure_dir(path: str|Path, # a folder to create if needed

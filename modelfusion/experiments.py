@@ -15,9 +15,8 @@ from .models import *
 from .training import *
 from .spec import *
 from .trace import *
-from .matching import *
-from .merging import *
-import modelfusion.merging as merging
+from .fusion import MATCHERS, merge
+from .methods.repair import repair as repair_fix
 from .evaluation import *
 
 # %% auto #0
@@ -35,11 +34,6 @@ def param(v, # a parameter value, possibly a list or dict passed as a string (pa
     return v
 
 # %% ../nbs/08_experiments.ipynb #31384c68
-def _matcher_kwargs(name: str, template, data: Data, n: int, seed: int) -> dict:
-    "Data arguments (and the seed) for the matchers that take them."
-    kw = matcher_inputs(name, template, data.x_train[:n], data.y_train[:n], data.x_train.device)
-    return {**kw, 'seed': seed} if 'seed' in MATCHERS[name].params() else kw
-
 def run_alignment(model: str='mlp', # registered model name
                   model_kw: dict|None=None, # its arguments, e.g. {'widths': [512, 512, 512]} or {'width': 2, 'norm': 'ln'}
                   dataset: str='mnist', # data set name
@@ -89,18 +83,20 @@ def run_alignment(model: str='mlp', # registered model name
         curves, matches = {'naive': interpolation_curve(template, A, B, data, n_lams, max_samples=eval_samples)}, {}
         calib = data.x_train[:calib_samples]
         for name in matchers:
-            t1 = time.time()
-            res = MATCHERS(name, [A, B], spec, **{**_matcher_kwargs(name, template, data, calib_samples, seeds[0]), **(matcher_kw or {}).get(name, {})})
-            info = {k: v for k, v in res.info.items() if k != 'losses'}; info['wall_time_s'] = time.time() - t1
+            t1 = time.time()  # the matcher's method aligns B onto A (and averages them): the alignment is in the report
+            kw = {'seed': seeds[0]} if 'seed' in MATCHERS[name].params() else {}
+            r = merge([A, B], MATCHERS.method_of[name], data=data, template=template, spec=spec, n_samples=calib_samples,
+                      **{**kw, **(matcher_kw or {}).get(name, {})})
+            info = {**r.report['steps'][0]['info'], 'wall_time_s': time.time() - t1}
             matches[name] = info
-            Bp = apply(B, spec, res.alignments[1])
+            Bp = apply(B, spec, r.report['alignments']['model_1'])
             curves[f'{name} matching'] = interpolation_curve(template, A, Bp, data, n_lams, max_samples=eval_samples)
             say(f"{name} matching: {info['wall_time_s']:.2f} s")
             if repair:
                 rows = []
                 for lam in lambdas(repair_lams):
                     sd = sd_lerp(A, Bp, lam)
-                    if 0 < lam < 1: sd = merging.repair(template, spec, A, Bp, sd, calib, lam)  # the flag shadows the function
+                    if 0 < lam < 1: sd = repair_fix(template, spec, [A, Bp], sd, calib, coefs=[1 - lam, lam])
                     for s in ('train', 'test'):
                         x, y = data.split(s)
                         if eval_samples: x, y = x[:eval_samples], y[:eval_samples]
@@ -216,7 +212,7 @@ def run_width_sweep(model: str='resnet20', # registered model name (with a `widt
     return {'table': table, 'out': out, 'params': params}
 
 # %% ../nbs/08_experiments.ipynb #1ba20b3a
-from .pipeline import compose, fuse, task_data, ModelPool, TaskPool, _train_cfg
+from .pipeline import compose, fuse, task_data, load_modelpool, TaskPool, _train_cfg
 
 def _slug(s: str) -> str: return ''.join(c if c.isalnum() or c in '._-' else '_' for c in s).strip('_')[:80]
 
@@ -261,7 +257,7 @@ def _task_merging(out, cfgs, overrides, multitask, root, cache, verbose, say, t0
     pool_cfg = first['modelpool']
     if multitask:
         if not pool_cfg.get('base'): raise ValueError("the multi-task bound needs a pool with a base model (or multitask=False)")
-        pool = ModelPool.from_config(pool_cfg, root, first['device'], cache, verbose=False)
+        pool = load_modelpool(pool_cfg, root, first['device'], cache, verbose=False)
         entries = pool_cfg['models']
         mix = task_data({'mix': [e['task'] for e in entries]}, root, pool.device)
         tcfg = _train_cfg(pool_cfg.get('train'), entries[0].get('train'))

@@ -4,10 +4,10 @@
 
 # %% ../nbs/07a_pipeline.ipynb #8ee84c3f
 from __future__ import annotations
-import os, sys, copy, time, types, typing, inspect, datetime
+import os, sys, time, inspect, datetime
 from dataclasses import dataclass, field, replace, asdict, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 import torch, yaml
 from torch import nn, Tensor
 from omegaconf import OmegaConf, DictConfig, ListConfig
@@ -16,20 +16,14 @@ from .core import *
 from .data import Data, load_dataset, rotate, class_split
 from .models import MODELS, build_model
 from .training import TrainConfig, ModelCache, model_config, train, estimate_train_time, load_checkpoint, save_checkpoint
-from .trace import spec_for
-from .matching import MATCHERS, matcher_inputs
-from .merging import align, recombine, reset_bn_stats, repair, weighted_average, interpolate
-from .taskvec import *
+from .fusion import Pool, METHODS, merge, method_schema, check_params, canonical, BadParameter
 from .evaluation import evaluate
 
 # %% auto #0
-__all__ = ['TASK_KEYS', 'POOL_KEYS', 'ENTRY_KEYS', 'TASKPOOL_KEYS', 'METHODS', 'FUSIONBENCH_NAMES', 'PARAM_ALIASES',
-           'CONFIG_KINDS', 'TOP_KEYS', 'ConfigError', 'check_keys', 'task_data', 'ModelPool', 'check_modelpool',
-           'to_modelpool', 'TaskPool', 'method_params', 'm_simple_average', 'm_weighted_average', 'm_task_arithmetic',
-           'm_ties_merging', 'm_dare_ta', 'm_dare_ties', 'm_dare_avg', 'm_fisher', 'm_regmean', 'm_fedmr',
-           'm_interpolate', 'Param', 'method_schema', 'align_pool', 'register_alignment_method', 'canonical_method',
-           'Method', 'config_dirs', 'list_configs', 'load_config', 'check_method', 'check_config', 'apply_override',
-           'compose', 'check_save_path', 'fuse', 'report_table']
+__all__ = ['TASK_KEYS', 'POOL_KEYS', 'ENTRY_KEYS', 'TASKPOOL_KEYS', 'CONFIG_KINDS', 'TOP_KEYS', 'ConfigError', 'check_keys',
+           'task_data', 'load_modelpool', 'check_modelpool', 'TaskPool', 'config_dirs', 'list_configs', 'load_config',
+           'method_params', 'canonical_method', 'check_method', 'check_config', 'apply_override', 'compose',
+           'check_save_path', 'fuse', 'report_table']
 
 # %% ../nbs/07a_pipeline.ipynb #9cdf2efa
 class ConfigError(ModelFusionError, ValueError):
@@ -114,140 +108,78 @@ def _train_cfg(*dicts) -> TrainConfig:
 
 def _fmt_time(s: float) -> str: return f"{s:.0f} s" if s < 90 else f"{s / 60:.0f} min" if s < 5400 else f"{s / 3600:.1f} h"
 
-@dataclass
-class ModelPool:
-    "Named models of one architecture (state dicts or `nn.Module`s), an optional base model, and each model's task data."
-    models: dict[str, StateDict] # name -> state dict or nn.Module (a list is named model_0, model_1, ...)
-    template: nn.Module|None=None # the architecture (its own weights are not used); default: a copy of the first module of `models`
-    base: StateDict|None=None # the model the others were fine-tuned from
-    tasks: dict[str, Data]=field(default_factory=dict) # model name -> the data of its task
-    name: str='' # the pool's name
-    info: dict=field(default_factory=dict) # per model: where it came from, its training metrics
-    model_cfg: dict|None=None # the package model config (None for torchvision models): what training in this pool uses
-    def __post_init__(self):
-        if isinstance(self.models, (list, tuple)): self.models = {f'model_{i}': m for i, m in enumerate(self.models)}
-        if not self.models: raise ConfigError(f"model pool '{self.name}' is empty: it needs at least one model")
-        if self.template is None:
-            first = next((m for m in self.models.values() if isinstance(m, nn.Module)), None)
-            if first is None: raise ConfigError("a pool of state dicts needs the architecture: ModelPool(models, template=<a module>)")
-            self.template = copy.deepcopy(first)
-            if any(p.dtype in (torch.float16, torch.bfloat16) for p in self.template.state_dict().values()): self.template.float()
-        self.models = {n: as_sd(m, f"model '{n}'") for n, m in self.models.items()}
-        if self.base is not None: self.base = as_sd(self.base, 'the base model')
-        names = ['the template', *(f"model '{n}'" for n in self.models)] + (['the base model'] if self.base is not None else [])
-        tsd = self.template.state_dict()
-        check_compatible([tsd, *self.models.values(), *([self.base] if self.base is not None else [])], names)
-        # checkpoints of another float dtype (fp16, bf16, float64) are merged in the template's dtype (float32)
-        self.input_dtypes = sorted({str(v.dtype).replace('torch.', '') for sd in [*self.models.values(), *([self.base] if self.base is not None else [])]
-                                    for v in sd.values() if is_float(v)})
-        cast = lambda sd: {k: v.to(tsd[k].dtype) if is_float(v) and is_float(tsd[k]) and v.dtype != tsd[k].dtype else v for k, v in sd.items()}
-        self.models = {n: cast(sd) for n, sd in self.models.items()}
-        if self.base is not None: self.base = cast(self.base)
-    @property
-    def names(self) -> list[str]: return list(self.models)
-    @property
-    def sds(self) -> list[StateDict]: return list(self.models.values())
-    @property
-    def device(self) -> torch.device: return next(iter(self.template.state_dict().values())).device
-    def __len__(self): return len(self.models)
-    def module(self, sd: StateDict|str, # a state dict of the architecture, or a model's name
-              ) -> nn.Module:
-        "A copy of the template holding `sd`'s weights (an `nn.Module` to use or save as usual)."
-        m = copy.deepcopy(self.template)
-        m.load_state_dict(self.models[sd] if isinstance(sd, str) else sd)
-        return m
-    load_model = module  # FusionBench's name
-    def data(self, model: str|int, # a model's name or index
-             method: str='this method', # for the error message
-            ) -> Data:
-        "The data of a model's task (for methods that need data)."
-        name = self.names[model] if isinstance(model, int) else model
-        if name not in self.tasks:
-            raise ValueError(f"{method} needs data, but model '{name}' of pool '{self.name}' has no task: "
-                             "give it a `task` in the model pool config (or the pool a `data` task)")
-        return self.tasks[name]
-    def spec(self):
-        "The architecture's spec (traced once)."
-        if not hasattr(self, '_spec'):
-            x = next(iter(self.tasks.values())).x_train[:2] if self.tasks else None
-            self._spec = spec_for(self.template, x)
-        return self._spec
-    def __repr__(self):
-        return f"ModelPool('{self.name}': {len(self)} models {self.names}, base: {'yes' if self.base is not None else 'no'}, tasks: {list(self.tasks)})"
-
-    @classmethod
-    def from_config(cls, cfg: dict|DictConfig, # a model pool config (see above)
-                    root: str|Path|None=None, # data folder
-                    device: str|None=None, # None: CUDA when available
-                    cache: bool|str|Path=True, # the model cache
-                    verbose: bool|None=None, # progress bars and the training-time estimate (None: bars where visible)
-                   ) -> ModelPool:
-        "Build the pool: load or train every model (saying how long training will take, with a progress bar)."
-        cfg = _plain(cfg); check_modelpool(cfg)
-        dev = get_device(device); mc = cache if isinstance(cache, ModelCache) else ModelCache(cache) if isinstance(cache, (str, Path)) else ModelCache() if cache else None
-        pname = cfg.get('name', '')
-        pdata = task_data(cfg['data'], root, dev) if cfg.get('data') else None
-        template, mcfg = _template(cfg['model'], pdata)
-        template = template.to(dev)
-        def plan(e, where, base=None):
-            "What an entry needs: ('file'|'init', ...) or ('train', data, train config, seed, init)."
-            e = {'seed': 0, **e}
-            if e.get('path'): return ('file', e)
-            if e.get('init'): return ('init', e)
-            data = task_data(e['task'], root, dev) if e.get('task') else pdata
-            if data is None: raise ConfigError(f"{where} has no task to train on and the pool has no `data`")
-            if mcfg is None: raise ConfigError(f"{where}: only package models (`modelfusion list models`) can be trained in a "
-                                               "pool; give torchvision models a `path` or `init: true`")
-            if e.get('finetune') and base is None: raise ConfigError(f"{where} has finetune: true but the pool has no base model")
-            return ('train', data, _train_cfg(cfg.get('train'), e.get('train')), e['seed'], base if e.get('finetune') else None)
-        def announce(plans):
-            "Say how many models must be trained and about how long it will take (the rest come from the cache)."
-            todo = [p for p in plans if p[0] == 'train' and not (mc and mc.key(mcfg, p[1], p[2], p[3], p[4]) in mc)]
-            if todo and verbose is not False:
-                est = sum(estimate_train_time(mcfg, p[1], p[2], dev) for p in todo)
-                print(f"model pool '{pname}': training {len(todo)} model(s) not in the cache yet, about {_fmt_time(est)} on "
-                      f"{dev.type} (estimated from a few timed steps){'; later runs load them from the cache' if mc else ''}",
-                      file=sys.stderr, flush=True)
-            return len(todo)
-        def load(p, bar=None):
-            kind = p[0]
-            if kind == 'file':
-                sd, meta = load_checkpoint(p[1]['path']); return sd, {'source': 'file', 'path': str(p[1]['path'])}, None
-            if kind == 'init':
-                torch.manual_seed(p[1]['seed'])
-                m, _ = _template(cfg['model'], pdata)
-                return m.state_dict(), {'source': 'init', 'seed': p[1]['seed']}, None
-            _, data, tcfg, seed, init = p
-            t = train(mcfg, data, tcfg, seed, cache=mc if mc else False, device=dev, verbose=verbose, init=init)
-            if bar is not None and not t.from_cache: bar.update(1)
-            m = t.meta['metrics']
-            return t.state_dict, {'source': 'cache' if t.from_cache else 'trained', 'key': t.meta.get('key'), 'task': data.name,
-                                  'seed': seed, 'finetuned': init is not None, 'test_acc': m.get('test_acc'),
-                                  'train_time_s': m.get('train_time_s')}, data
-        base = info_base = None
-        if cfg.get('base'):
-            bp = plan(cfg['base'], 'the base model'); announce([bp])
-            base, info_base, _ = load(bp)
-        entries = [(e.get('name') or f'model_{i}', e) for i, e in enumerate(cfg['models'])]
-        seen = set()
-        for n, _ in entries:
-            if n in seen: raise ConfigError(f"model pool '{pname}' has two models named '{n}'")
-            seen.add(n)
-        plans = [plan(e, f"model '{n}'", base) for n, e in entries]
-        k = announce(plans)
-        bar = progress(range(k), verbose if k else False, desc=f"training pool '{pname}'", unit='model') if k else None
-        models, tasks, info = {}, {}, {}
-        try:
-            for (n, e), p in zip(entries, plans):
-                sd, info[n], data = load(p, bar)
-                models[n] = {k_: v.to(dev) for k_, v in sd.items()}
-                if data is not None: tasks[n] = data
-                elif e.get('task') or pdata is not None: tasks[n] = task_data(e['task'], root, dev) if e.get('task') else pdata
-        finally:
-            if bar is not None: bar.close()
-        if info_base: info['base'] = info_base
-        return cls(models, template, {k_: v.to(dev) for k_, v in base.items()} if base is not None else None, tasks,
-                   pname, info, mcfg)
+def load_modelpool(cfg: dict|DictConfig, # a model pool config (see above)
+                   root: str|Path|None=None, # data folder
+                   device: str|None=None, # None: CUDA when available
+                   cache: bool|str|Path=True, # the model cache
+                   verbose: bool|None=None, # progress bars and the training-time estimate (None: bars where visible)
+                  ) -> Pool:
+    "Build the pool of a config: load or train every model (saying how long training will take, with a progress bar)."
+    cfg = _plain(cfg); check_modelpool(cfg)
+    dev = get_device(device); mc = cache if isinstance(cache, ModelCache) else ModelCache(cache) if isinstance(cache, (str, Path)) else ModelCache() if cache else None
+    pname = cfg.get('name', '')
+    pdata = task_data(cfg['data'], root, dev) if cfg.get('data') else None
+    template, mcfg = _template(cfg['model'], pdata)
+    template = template.to(dev)
+    def plan(e, where, base=None):
+        "What an entry needs: ('file'|'init', ...) or ('train', data, train config, seed, init)."
+        e = {'seed': 0, **e}
+        if e.get('path'): return ('file', e)
+        if e.get('init'): return ('init', e)
+        data = task_data(e['task'], root, dev) if e.get('task') else pdata
+        if data is None: raise ConfigError(f"{where} has no task to train on and the pool has no `data`")
+        if mcfg is None: raise ConfigError(f"{where}: only package models (`modelfusion list models`) can be trained in a "
+                                           "pool; give torchvision models a `path` or `init: true`")
+        if e.get('finetune') and base is None: raise ConfigError(f"{where} has finetune: true but the pool has no base model")
+        return ('train', data, _train_cfg(cfg.get('train'), e.get('train')), e['seed'], base if e.get('finetune') else None)
+    def announce(plans):
+        "Say how many models must be trained and about how long it will take (the rest come from the cache)."
+        todo = [p for p in plans if p[0] == 'train' and not (mc and mc.key(mcfg, p[1], p[2], p[3], p[4]) in mc)]
+        if todo and verbose is not False:
+            est = sum(estimate_train_time(mcfg, p[1], p[2], dev) for p in todo)
+            print(f"model pool '{pname}': training {len(todo)} model(s) not in the cache yet, about {_fmt_time(est)} on "
+                  f"{dev.type} (estimated from a few timed steps){'; later runs load them from the cache' if mc else ''}",
+                  file=sys.stderr, flush=True)
+        return len(todo)
+    def load(p, bar=None):
+        kind = p[0]
+        if kind == 'file':
+            sd, meta = load_checkpoint(p[1]['path']); return sd, {'source': 'file', 'path': str(p[1]['path'])}, None
+        if kind == 'init':
+            torch.manual_seed(p[1]['seed'])
+            m, _ = _template(cfg['model'], pdata)
+            return m.state_dict(), {'source': 'init', 'seed': p[1]['seed']}, None
+        _, data, tcfg, seed, init = p
+        t = train(mcfg, data, tcfg, seed, cache=mc if mc else False, device=dev, verbose=verbose, init=init)
+        if bar is not None and not t.from_cache: bar.update(1)
+        m = t.meta['metrics']
+        return t.state_dict, {'source': 'cache' if t.from_cache else 'trained', 'key': t.meta.get('key'), 'task': data.name,
+                              'seed': seed, 'finetuned': init is not None, 'test_acc': m.get('test_acc'),
+                              'train_time_s': m.get('train_time_s')}, data
+    base = info_base = None
+    if cfg.get('base'):
+        bp = plan(cfg['base'], 'the base model'); announce([bp])
+        base, info_base, _ = load(bp)
+    entries = [(e.get('name') or f'model_{i}', e) for i, e in enumerate(cfg['models'])]
+    seen = set()
+    for n, _ in entries:
+        if n in seen: raise ConfigError(f"model pool '{pname}' has two models named '{n}'")
+        seen.add(n)
+    plans = [plan(e, f"model '{n}'", base) for n, e in entries]
+    k = announce(plans)
+    bar = progress(range(k), verbose if k else False, desc=f"training pool '{pname}'", unit='model') if k else None
+    models, tasks, info = {}, {}, {}
+    try:
+        for (n, e), p in zip(entries, plans):
+            sd, info[n], data = load(p, bar)
+            models[n] = {k_: v.to(dev) for k_, v in sd.items()}
+            if data is not None: tasks[n] = data
+            elif e.get('task') or pdata is not None: tasks[n] = task_data(e['task'], root, dev) if e.get('task') else pdata
+    finally:
+        if bar is not None: bar.close()
+    if info_base: info['base'] = info_base
+    return Pool(models, template, {k_: v.to(dev) for k_, v in base.items()} if base is not None else None, tasks,
+                pname, info, mcfg)
 
 def check_modelpool(cfg: dict) -> None:
     "Check a model pool config's keys (raising `ConfigError` that names the bad key)."
@@ -261,13 +193,6 @@ def check_modelpool(cfg: dict) -> None:
         if e.get('task'): check_keys(_plain(e['task']), TASK_KEYS, f"the task of model entry {i}")
         if e.get('train'): check_keys(e['train'], _TRAIN_FIELDS, f"the train config of model entry {i}")
     if cfg.get('train'): check_keys(cfg['train'], _TRAIN_FIELDS, 'the pool train config')
-
-def to_modelpool(models, # a ModelPool, a dict of name -> module/state dict, or a list of them
-                 template: nn.Module|None=None, # the architecture, needed when `models` holds only state dicts
-                 **kw, # base=, tasks=, name=
-                ) -> ModelPool:
-    "A `ModelPool` from whatever holds the models (FusionBench's `to_modelpool`)."
-    return models if isinstance(models, ModelPool) else ModelPool(models, template, **kw)
 
 # %% ../nbs/07a_pipeline.ipynb #d480085a
 TASKPOOL_KEYS = ('name', 'description', 'type', 'split', 'tasks', 'n_eval')
@@ -309,279 +234,6 @@ class TaskPool:
             if d.name in tasks: raise ConfigError(f"task pool '{cfg.get('name')}' has two tasks named '{d.name}'")
             tasks[d.name] = d
         return cls(tasks, kind, cfg.get('split', 'test'), cfg.get('n_eval'), cfg.get('name', ''))
-
-# %% ../nbs/07a_pipeline.ipynb #4ac4e199
-METHODS = Registry('method')
-
-def method_params(name: str, # a registered method
-                 ) -> dict[str, Any]:
-    "A method's parameters and their defaults (`inspect.Parameter.empty` when required)."
-    return {k: p.default for k, p in method_schema(name).items()}
-
-def _n(pool: ModelPool, i: int, n: int, method: str) -> Data:
-    d = pool.data(i, method); return replace(d, x_train=d.x_train[:n], y_train=d.y_train[:n])
-
-@METHODS.register('simple_average', paper='https://arxiv.org/abs/2203.05482')
-def m_simple_average(pool: ModelPool):
-    "The uniform average of the models (model soups)."
-    return simple_average(pool.sds)
-
-@METHODS.register('weighted_average', paper='https://arxiv.org/abs/2203.05482')
-def m_weighted_average(pool: ModelPool, weights: list[float]|None=None, # one weight per model (normalised); None: uniform
-                      ):
-    "A weighted average of the models."
-    return weighted_average(pool.sds, weights)
-
-@METHODS.register('task_arithmetic', paper='https://arxiv.org/abs/2212.04089')
-def m_task_arithmetic(pool: ModelPool, lam: float=0.3, # scaling of the summed task vectors
-                     ):
-    "Task arithmetic: base + λ Σ task vectors."
-    return task_arithmetic(pool.sds, pool.base, lam)
-
-@METHODS.register('ties_merging', paper='https://arxiv.org/abs/2306.01708')
-def m_ties_merging(pool: ModelPool, k: float=0.2, # fraction of each task vector kept
-                   lam: float=1.0, # scaling of the merged task vector
-                   merge_func: Literal['mean', 'sum', 'max']='mean', # disjoint merge: 'mean' (paper), 'sum' or 'max'
-                  ):
-    "TIES-merging: trim, elect sign, disjoint merge."
-    return ties_merging(pool.sds, pool.base, k, lam, merge_func)
-
-@METHODS.register('dare_task_arithmetic', paper='https://arxiv.org/abs/2311.03099')
-def m_dare_ta(pool: ModelPool, p: float=0.5, # drop rate
-              lam: float=0.3, # task-arithmetic scaling
-              rescale: bool=True, # rescale kept entries by 1/(1-p)
-              seed: int=0, # seed of the drop masks
-             ):
-    "DARE (drop and rescale) followed by task arithmetic."
-    return dare(pool.sds, pool.base, p, 'task_arithmetic', rescale, seed, lam=lam)
-
-@METHODS.register('dare_ties', paper='https://arxiv.org/abs/2311.03099')
-def m_dare_ties(pool: ModelPool, p: float=0.5, # drop rate
-                k: float=0.2, # TIES: fraction kept by the trim step
-                lam: float=1.0, # TIES scaling
-                merge_func: Literal['mean', 'sum', 'max']='mean', # TIES disjoint merge
-                rescale: bool=True, # rescale kept entries by 1/(1-p)
-                seed: int=0, # seed of the drop masks
-               ):
-    "DARE (drop and rescale) followed by TIES-merging."
-    return dare(pool.sds, pool.base, p, 'ties_merging', rescale, seed, k=k, lam=lam, merge_func=merge_func)
-
-@METHODS.register('dare_simple_average', paper='https://arxiv.org/abs/2311.03099')
-def m_dare_avg(pool: ModelPool, p: float=0.5, # drop rate
-               rescale: bool=True, # rescale kept entries by 1/(1-p)
-               seed: int=0, # seed of the drop masks
-              ):
-    "DARE (drop and rescale) followed by simple averaging of the task vectors."
-    return dare(pool.sds, pool.base, p, 'simple_average', rescale, seed)
-
-@METHODS.register('fisher_merging', paper='https://arxiv.org/abs/2111.09832')
-def m_fisher(pool: ModelPool, n_samples: int=1024, # training samples of each model's task for its Fisher
-             fisher_type: Literal['expected', 'empirical']='expected', # 'expected' (exact over classes) or 'empirical' (true labels)
-             weights: list[float]|None=None, # per-model scaling (default 1)
-             eps: float=1e-8, # Fisher floor
-             batch_size: int=64, # samples per vmap call
-            ):
-    "Fisher merging: per-entry average weighted by each model's diagonal Fisher on its own task."
-    fis = []
-    for i, sd in enumerate(pool.sds):
-        d = _n(pool, i, n_samples, 'Fisher merging')
-        fis.append(fisher_diag(pool.template, sd, d.x_train, d.y_train, fisher_type, batch_size))
-    return fisher_merging(pool.sds, fis, weights, eps)
-
-@METHODS.register('regmean', paper='https://arxiv.org/abs/2212.09849')
-def m_regmean(pool: ModelPool, alpha: float=0.9, # scaling of the Gram matrices' off-diagonal entries
-              n_samples: int=1024, # training samples of each model's task for its Gram matrices
-              ridge: float=1e-6, # relative ridge added to the summed Gram matrix
-             ):
-    "RegMean: closed-form least-squares merge of every linear layer from its inputs' Gram matrices."
-    grams = [regmean_grams(pool.template, sd, _n(pool, i, n_samples, 'RegMean').x_train) for i, sd in enumerate(pool.sds)]
-    return regmean_merging(pool.sds, grams, alpha, ridge)
-
-@METHODS.register('fedmr', paper='https://arxiv.org/abs/2208.07677')
-def m_fedmr(pool: ModelPool, seed: int=0, # seed of the per-layer permutations
-            return_modelpool: bool=False, # True: all recombined models; False: one of them
-            index: int=0, # which recombined model to return when return_modelpool is False
-           ):
-    """FedMR model recombination: every layer of every new model comes from a different source (per-layer permutation).
-
-    Recombined models are a starting point, not a result: in FedMR (Hu et al., 2023) each one is trained further on a
-    client's data before the next round, and evaluated as they are they score far below their sources (the FedMR
-    section of the 06_merging notebook measures both). Use `return_modelpool=true` and train the models further."""
-    new, _ = recombine(pool.sds, seed)
-    if return_modelpool: return new
-    if not 0 <= index < len(new): raise ValueError(f"index must be in 0..{len(new) - 1}, got {index}")
-    return new[index]
-
-@METHODS.register('interpolate', paper='https://arxiv.org/abs/1912.05671')
-def m_interpolate(pool: ModelPool, lam: float=0.5, # 0 gives the first model, 1 the second
-                 ):
-    "Linear interpolation of two models (no alignment)."
-    return interpolate(pool.sds, lam)
-
-# %% ../nbs/07a_pipeline.ipynb #b424c00d
-def _docments(fn) -> dict[str, str]:
-    "Each parameter's trailing comment (docments), when fastcore can read the source."
-    if hasattr(fn, '__param_docs__'): return dict(fn.__param_docs__)
-    try:
-        from fastcore.docments import docments
-        return {k: v for k, v in docments(fn).items() if v and k != 'return'}
-    except Exception: return {}
-
-def _hint(fn, p: inspect.Parameter):
-    "The type of parameter `p` of `fn`, resolved from its (string) annotation; `Any` when it cannot be resolved."
-    a = p.annotation
-    if a is inspect.Parameter.empty: return Any
-    if not isinstance(a, str): return a
-    ns = {'Literal': Literal, 'Any': Any, **vars(sys.modules.get(fn.__module__, sys)), **getattr(fn, '__hint_ns__', {})}
-    try: return eval(a, ns)
-    except Exception: return Any
-
-def _type_ok(v, tp) -> bool:
-    "Whether a config value `v` fits type `tp` (types a config cannot hold, such as tensors, are not checked)."
-    o, args = typing.get_origin(tp), typing.get_args(tp)
-    if tp is Any: return True
-    if tp is None or tp is type(None): return v is None
-    if o in (typing.Union, types.UnionType): return any(_type_ok(v, a) for a in args)
-    if o is Literal: return v in args
-    if tp is bool: return isinstance(v, bool)
-    if tp is int: return isinstance(v, int) and not isinstance(v, bool)
-    if tp is float: return isinstance(v, (int, float)) and not isinstance(v, bool)
-    if tp is str: return isinstance(v, str)
-    if o in (list, tuple) or tp in (list, tuple):
-        return isinstance(v, (list, tuple)) and (not args or all(_type_ok(x, args[0]) for x in v))
-    if o is dict or tp is dict: return isinstance(v, dict)
-    return True
-
-def _type_name(tp) -> str:
-    "How a type reads in an error message or in `show`."
-    o, args = typing.get_origin(tp), typing.get_args(tp)
-    if tp is None or tp is type(None): return 'null'
-    if o in (typing.Union, types.UnionType): return ' or '.join(_type_name(a) for a in args)
-    if o is Literal: return 'one of ' + ', '.join(repr(a) for a in args)
-    if o in (list, tuple): return f"a list of {_type_name(args[0]).removeprefix('a ').removeprefix('an ')}s" if args else 'a list'
-    return {bool: 'true or false', int: 'an integer', float: 'a number', str: 'a string', dict: 'a mapping'}.get(tp, getattr(tp, '__name__', str(tp)))
-
-@dataclass
-class Param:
-    "One parameter of a method: its default, type (choices for a `Literal`) and help text."
-    name: str
-    default: Any
-    type: Any = Any
-    doc: str = ''
-    @property
-    def required(self) -> bool: return self.default is inspect.Parameter.empty
-    def check(self, v, where: str='') -> None:
-        "Raise `ConfigError` unless `v` fits the parameter's type."
-        if not _type_ok(v, self.type):
-            raise ConfigError(f"{where or self.name} must be {_type_name(self.type)}, got {v!r}" + (f" ({type(v).__name__})" if v is not None else ''))
-
-def method_schema(name: str, # a registered method (or alias)
-                 ) -> dict[str, Param]:
-    "The parameters of method `name` (all but the pool), with defaults, types and help, read from its signature."
-    fn = METHODS[name].fn; docs = _docments(fn)
-    return {k: Param(k, p.default, _hint(fn, p), docs.get(k, '')) for k, p in inspect.signature(fn).parameters.items()
-            if k != 'pool' and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
-
-# %% ../nbs/07a_pipeline.ipynb #2291028d
-_DATA_ARGS = ('sds', 'spec', 'template', 'x', 'y', 'device')
-
-def align_pool(pool: ModelPool, # the models
-               matcher: str='weight', # a name in MATCHERS
-               ref: int=0, # index of the reference model: every other model is aligned onto it
-               fix: Literal['none', 'reset_bn', 'repair']='none', # after averaging: 'none', 'reset_bn' (re-estimate BatchNorm statistics) or 'repair' (REPAIR, 2 models)
-               n_samples: int=5000, # training samples of the reference model's task for data-driven matchers, BatchNorm reset and REPAIR
-               **matcher_kw) -> StateDict:
-    "Permute every model onto model `ref` with `matcher`, average them, and optionally reset BN / REPAIR."
-    if len(pool) < 2: raise ValueError(f"alignment needs at least 2 models, the pool has {len(pool)}")
-    if not 0 <= ref < len(pool): raise ValueError(f"ref must be in 0..{len(pool) - 1}, got {ref}")
-    if fix not in ('none', 'reset_bn', 'repair'): raise UnknownName(f"unknown fix '{fix}'; known: none, repair, reset_bn")
-    if fix == 'repair' and len(pool) != 2: raise ValueError("REPAIR is implemented for 2 models; use fix='reset_bn' or 'none'")
-    ps, spec = MATCHERS[matcher].params(), pool.spec()
-    needs = any(k in ps for k in ('x', 'template'))
-    d = _n(pool, ref, n_samples, f"{matcher} matching" if needs else f"fix='{fix}'") if needs or fix != 'none' else None
-    kw = {**matcher_inputs(matcher, pool.template, d.x_train if d else None, d.y_train if d else None, str(pool.device)), **matcher_kw}
-    A, aligned = pool.sds[ref], []
-    for i, sd in enumerate(pool.sds):
-        if i == ref: aligned.append(A); continue
-        res = MATCHERS(matcher, [A, sd], spec, **kw)
-        aligned.append(align([sd], spec, [res.alignments[1]])[0])
-    merged = weighted_average(aligned)
-    if fix == 'reset_bn': merged = reset_bn_stats(pool.template, merged, d.x_train)
-    if fix == 'repair': merged = repair(pool.template, spec, aligned[0], aligned[1], merged, d.x_train, 0.5)
-    return merged
-
-def register_alignment_method(matcher: str, # a name in MATCHERS
-                              name: str, # the method's name
-                             ) -> None:
-    "Register `align_pool` with `matcher` as a method whose parameters are ref, fix, n_samples and the matcher's own."
-    P = inspect.Parameter
-    m = MATCHERS[matcher]
-    own = [p.replace(kind=P.KEYWORD_ONLY) for n, p in inspect.signature(m.fn).parameters.items() if n not in _DATA_ARGS]
-    mine = {n: p for n, p in inspect.signature(align_pool).parameters.items() if n in ('ref', 'fix', 'n_samples')}
-    def method(pool, **kw): return align_pool(pool, matcher, **kw)
-    method.__signature__ = inspect.Signature([P('pool', P.POSITIONAL_OR_KEYWORD), *(p.replace(kind=P.KEYWORD_ONLY) for p in mine.values()), *own])
-    method.__doc__ = f"Align the models by {matcher} matching ({m.summary.rstrip('.')}), then average them."
-    method.__name__ = f"m_{name}"
-    # the schema of a method made from two functions: types resolve in, and help comes from, both of them
-    method.__hint_ns__ = {**vars(sys.modules[m.fn.__module__]), **globals()}
-    method.__param_docs__ = {**_docments(m.fn), **{k: v for k, v in _docments(align_pool).items() if k in mine}}
-    METHODS.register(name, paper=m.paper)(method)
-
-for _m, _n_ in (('weight', 'weight_matching'), ('activation', 'activation_matching'), ('ste', 'ste_matching'),
-                ('sinkhorn', 'sinkhorn_rebasin')): register_alignment_method(_m, _n_)
-
-# %% ../nbs/07a_pipeline.ipynb #76e0bd25
-def _pct(t): return t / 100  # FusionBench's TIES threshold is the percentage of entries kept; ours is a fraction
-
-# FusionBench's method config names for our methods, and its parameter names (with a conversion where the unit differs)
-FUSIONBENCH_NAMES = {'model_recombination': 'fedmr', 'linear/weighted_average': 'weighted_average',
-                     'fisher_merging/fisher_merging': 'fisher_merging', 'regmean/regmean': 'regmean',
-                     'dare/task_arithmetic': 'dare_task_arithmetic', 'dare/ties_merging': 'dare_ties',
-                     'dare/simple_average': 'dare_simple_average'}
-_TIES_PARAMS = {'scaling_factor': ('lam', None), 'threshold': ('k', _pct)}
-PARAM_ALIASES = {'task_arithmetic': {'scaling_factor': ('lam', None)}, 'ties_merging': _TIES_PARAMS,
-                 'fisher_merging': {'num_fisher_examples': ('n_samples', None), 'minimal_fisher_weight': ('eps', None)},
-                 'regmean': {'num_regmean_examples': ('n_samples', None), 'reduce_non_diagonal_ratio': ('alpha', None)},
-                 'dare_task_arithmetic': {'scaling_factor': ('lam', None), 'sparsity_ratio': ('p', None)},
-                 'dare_ties': {**_TIES_PARAMS, 'sparsity_ratio': ('p', None)}, 'dare_simple_average': {'sparsity_ratio': ('p', None)}}
-for _a, _t in FUSIONBENCH_NAMES.items(): METHODS.alias(_a, _t)
-
-def _translate(method: str, k: str, v):
-    "Parameter `k` of `method` (a registered name) and its value, FusionBench's name and unit translated to ours."
-    ours, conv = PARAM_ALIASES.get(method, {}).get(k, (k, None))
-    return ours, (conv(v) if conv and isinstance(v, (int, float)) and not isinstance(v, bool) else v)
-
-def canonical_method(cfg: dict, # a method config: {'name': ..., **parameters}, names possibly FusionBench's
-                    ) -> dict:
-    "The same config with the method's registered name and our parameter names (FusionBench's are translated)."
-    if 'name' not in cfg: raise ConfigError("a method config needs a `name`")
-    name = METHODS.resolve(str(cfg['name'])); out = {'name': name}
-    for k, v in cfg.items():
-        if k == 'name': continue
-        k2, v = _translate(name, k, v)
-        if k2 != k and k2 in cfg: raise ConfigError(f"method '{name}' got both '{k}' (FusionBench's name) and '{k2}': give one")
-        out[k2] = v
-    return out
-
-class Method:
-    "A configured method as an object (the shape of FusionBench's algorithms): `Method(name, **params).run(pool)`."
-    def __init__(self, name: str, # a registered method or alias (e.g. FusionBench's 'model_recombination')
-                 **params, # the method's parameters (ours or FusionBench's names)
-                ):
-        cfg = canonical_method({'name': name, **params}); check_method(cfg)
-        self.name, self.params = cfg.pop('name'), cfg
-    def run(self, pool, # a ModelPool, or a dict (or list) of nn.Modules
-            **params, # parameters for this run only
-           ):
-        "The merged model as an `nn.Module`; a method that returns several models (FusionBench's `return_modelpool`) gives a `ModelPool`."
-        pool = to_modelpool(pool)
-        kw = {k: v for k, v in canonical_method({'name': self.name, **self.params, **params}).items() if k != 'name'}
-        check_method({'name': self.name, **kw})
-        out = METHODS(self.name, pool, **kw)
-        if isinstance(out, list):
-            return ModelPool({f'model_{i}': sd for i, sd in enumerate(out)}, pool.template, name=f"{pool.name or 'pool'}:{self.name}")
-        return pool.module(out)
-    def __repr__(self): return f"Method('{self.name}', " + ', '.join(f"{k}={v!r}" for k, v in self.params.items()) + ')'
 
 # %% ../nbs/07a_pipeline.ipynb #a6ffe2a6
 CONFIG_KINDS = ('method', 'modelpool', 'taskpool')
@@ -633,15 +285,26 @@ def load_config(kind: str, # 'method', 'modelpool' or 'taskpool'
 def _jsonable(v):
     return list(v) if isinstance(v, tuple) else v
 
+def method_params(name: str, # a registered method (or alias)
+                 ) -> dict[str, Any]:
+    "A method's own parameters and their defaults (`inspect.Parameter.empty` when required)."
+    return {k: p.default for k, p in method_schema(name).items()}
+
+def canonical_method(cfg: dict, # a method config: {'name': ..., **parameters}, names possibly another library's
+                    ) -> dict:
+    "The same config with the method's registered name and our parameter names (FusionBench's are translated)."
+    if 'name' not in cfg: raise ConfigError("a method config needs a `name`")
+    try: name, params = canonical(str(cfg['name']), {k: v for k, v in cfg.items() if k != 'name'})
+    except BadParameter as e: raise ConfigError(str(e)) from None
+    return {'name': name, **params}
+
 def check_method(cfg: dict) -> None:
     "Check a method config against the method's signature: known parameters, required ones present, values of the right type."
     if 'name' not in cfg: raise ConfigError("a method config needs a `name`")
-    ps = method_schema(cfg['name'])
-    check_keys({k: v for k, v in cfg.items() if k != 'name'}, ps, f"the parameters of method '{cfg['name']}'")
-    missing = [k for k, p in ps.items() if p.required and k not in cfg]
-    if missing: raise ConfigError(f"method '{cfg['name']}' needs {', '.join(missing)}")
-    for k, v in cfg.items():
-        if k != 'name': ps[k].check(v, f"method.{k}")
+    params = {k: v for k, v in cfg.items() if k != 'name'}
+    check_keys(params, method_schema(cfg['name']), f"the parameters of method '{cfg['name']}'")
+    try: check_params(cfg['name'], params)
+    except BadParameter as e: raise ConfigError(str(e)) from None
 
 def check_config(cfg: dict) -> None:
     "Check a whole run config (top level, method, model pool, task pool)."
@@ -661,7 +324,7 @@ def apply_override(cfg: dict, # a run config
     except yaml.YAMLError as e: raise ConfigError(f"cannot parse the value of override '{override}': {str(e).splitlines()[0]}") from None
     m = cfg.get('method') if isinstance(cfg.get('method'), dict) else {}
     if key.startswith('method.') and key.count('.') == 1 and key != 'method.name' and str(m.get('name')) in METHODS:
-        k, val = _translate(METHODS.resolve(str(m['name'])), key[7:], val)  # FusionBench's parameter names and units
+        (k, val), = canonical(str(m['name']), {key[7:]: val})[1].items()  # FusionBench's parameter names and units
         key = f'method.{k}'
     if key == 'method.name' and str(val) in METHODS: val = METHODS.resolve(str(val))
     oc = OmegaConf.create(cfg)
@@ -723,21 +386,20 @@ def fuse(cfg: dict, # a run config (`compose`)
     _writable(out)
     if save_model: check_save_path(save_model)
     seed_everything(cfg['seed']); times = {}
-    pool = ModelPool.from_config(cfg['modelpool'], root, cfg['device'], cache, verbose); times['modelpool_s'] = time.time() - t0
+    pool = load_modelpool(cfg['modelpool'], root, cfg['device'], cache, verbose); times['modelpool_s'] = time.time() - t0
     t = time.time(); tasks = TaskPool.from_config(cfg['taskpool'], root, pool.device); times['taskpool_s'] = time.time() - t
     seed_everything(cfg['seed'])
-    t = time.time(); res = METHODS(name, pool, **params); times['method_s'] = time.time() - t
-    outs = res if isinstance(res, list) else [res]
-    for i, sd in enumerate(outs): check_finite(sd, f"the output of {name}" + (f" (model {i})" if len(outs) > 1 else ''))
+    t = time.time(); res = merge(pool, name, **params); times['method_s'] = time.time() - t
+    outs = res.state_dicts
     t = time.time()
-    results = {('merged' if len(outs) == 1 and not isinstance(res, list) else f'model_{i}'): tasks.evaluate(pool.template, sd)
-               for i, sd in enumerate(outs)}
+    results = {('merged' if len(outs) == 1 else f'model_{i}'): tasks.evaluate(pool.template, sd) for i, sd in enumerate(outs)}
     inputs = {}
     if cfg['evaluate_inputs']:
         inputs = {n: tasks.evaluate(pool.template, sd) for n, sd in pool.models.items()}
         if pool.base is not None: inputs['base'] = tasks.evaluate(pool.template, pool.base)
     times['evaluation_s'] = time.time() - t
     report = {'method': name, 'paper': METHODS[name].paper, 'config': cfg, 'results': results, 'inputs': inputs,
+              'steps': res.report['steps'],
               'pool': {'name': pool.name, 'models': pool.names, 'info': pool.info, 'input_dtypes': pool.input_dtypes,
                        'computed_in': sorted({str(v.dtype).replace('torch.', '') for v in pool.template.state_dict().values() if is_float(v)})},
               'taskpool': {'name': tasks.name, 'tasks': {n: {'source': d.source, 'n_eval': len(d.split(tasks.split)[0][:tasks.n_eval])}

@@ -6,11 +6,13 @@
 from __future__ import annotations
 import math, operator, inspect, io, os, sys, contextlib, linecache, warnings
 from dataclasses import dataclass
+from typing import Callable
 import torch
 from torch import nn, Tensor
 import torch.nn.functional as F
 import torch.fx as fx
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+from fastcore.basics import patch
 from .core import *
 from .spec import *
 from .spec import _need_module
@@ -21,14 +23,15 @@ _HAND = ("Write the spec by hand instead and pass spec=Spec(...) (see `mlp_spec`
 _NO_SD = "build the model and load the state dict into it, or write the spec by hand"
 
 # %% auto #0
-__all__ = ['INV', 'trace_spec', 'spec_for']
+__all__ = ['INV', 'MODULE_RULES', 'FUNCTION_RULES', 'rule', 'trace_spec', 'spec_for']
 
-# %% ../nbs/04a_trace.ipynb #71d51525
+# %% ../nbs/04a_trace.ipynb #72175e2a
 class _Inv:
     "A tensor that no group transform changes: model inputs, constants, reductions over all of a space's features."
     def __repr__(self): return 'INV'
 INV = _Inv()
 
+# %% ../nbs/04a_trace.ipynb #ed12f939
 @dataclass(frozen=True)
 class _Feat:
     "A tensor whose dimension `dim` holds tracked features, laid out as `pieces` of (space, size, block)."
@@ -46,49 +49,16 @@ class _Feat:
             yield s, n, b, o
             o += n * b
 
+# %% ../nbs/04a_trace.ipynb #b0ac68af
 @dataclass(frozen=True)
 class _Param:
     "A parameter or buffer read directly (a `get_attr` node); `name` is its state-dict key."
     name: str
 
-# %% ../nbs/04a_trace.ipynb #7bbca8e7
-def _classes(*names): return tuple(c for c in (getattr(nn, n, None) for n in names) if isinstance(c, type))
-
-_ELEMENTWISE_MODULES = _classes(
-    'ReLU', 'ReLU6', 'LeakyReLU', 'ELU', 'SELU', 'CELU', 'GELU', 'SiLU', 'Mish', 'Sigmoid', 'Tanh', 'Hardtanh',
-    'Hardswish', 'Hardsigmoid', 'Softplus', 'Softsign', 'Softshrink', 'Hardshrink', 'Tanhshrink', 'LogSigmoid',
-    'Threshold', 'RReLU', 'Dropout', 'Dropout1d', 'Dropout2d', 'Dropout3d', 'AlphaDropout', 'FeatureAlphaDropout',
-    'Identity', 'Softmax', 'LogSoftmax', 'Softmin')
-_BATCHNORMS = _classes('BatchNorm1d', 'BatchNorm2d', 'BatchNorm3d', 'SyncBatchNorm')
-_INSTANCENORMS = _classes('InstanceNorm1d', 'InstanceNorm2d', 'InstanceNorm3d')
-_LAYERNORMS = _classes('LayerNorm', 'RMSNorm')
-_SPATIAL_PREFIXES = ('MaxPool', 'AvgPool', 'AdaptiveAvgPool', 'AdaptiveMaxPool', 'LPPool', 'FractionalMaxPool',
-                     'ZeroPad', 'ConstantPad', 'ReflectionPad', 'ReplicationPad', 'CircularPad')
-_UPSAMPLES = _classes('Upsample', 'UpsamplingNearest2d', 'UpsamplingBilinear2d')
-
-# functions / methods, by name (in-place variants map to the same name: 'relu_' -> 'relu', operator.iadd -> 'add')
-_POINTWISE = set("""add sub mul div truediv floordiv true_divide floor_divide rsub remainder fmod pow neg pos abs
-maximum minimum fmax fmin where masked_fill lerp addcmul addcdiv clamp clip clamp_min clamp_max eq ne gt lt ge le
-logical_and logical_or logical_not logical_xor relu relu6 gelu silu mish sigmoid tanh hardtanh hardswish hardsigmoid
-elu selu celu leaky_relu softplus softsign softshrink hardshrink tanhshrink logsigmoid threshold rrelu exp expm1 log
-log1p log2 sqrt rsqrt square sin cos erf erfc reciprocal sign floor ceil round trunc frac nan_to_num dropout dropout1d
-dropout2d dropout3d alpha_dropout feature_alpha_dropout softmax log_softmax softmin normalize contiguous clone detach
-zeros_like ones_like full_like empty_like rand_like randn_like requires_grad stochastic_depth""".split())
-_FIRST_ONLY = {'to', 'type', 'type_as', 'float', 'double', 'half', 'bfloat16', 'cpu', 'cuda'}
-_INPLACE_OPERATORS = {'iadd': 'add', 'isub': 'sub', 'imul': 'mul', 'itruediv': 'truediv', 'ifloordiv': 'floordiv',
-                      'ipow': 'pow', 'matmul': 'matmul', 'imatmul': 'matmul'}
-_RESHAPES = {'flatten', 'view', 'reshape', 'squeeze', 'unsqueeze', 'unflatten', 'view_as', 'reshape_as'}
-_PERMUTES = {'transpose', 'swapaxes', 'swapdims', 'permute', 'movedim', 'moveaxis', 't'}
-_REDUCTIONS = {'mean', 'nanmean', 'sum', 'nansum', 'amax', 'amin', 'std', 'var', 'logsumexp', 'prod', 'all', 'any',
-               'norm', 'count_nonzero', 'max', 'min', 'median', 'argmax', 'argmin'}
-_WITH_INDICES = {'max', 'min', 'median', 'argmax', 'argmin'}
-_SPATIAL_FNS = {f'{p}{k}d': k for p in ('max_pool', 'avg_pool', 'adaptive_avg_pool', 'adaptive_max_pool', 'lp_pool',
-                                        'fractional_max_pool') for k in (1, 2, 3)}
-_SPATIAL_FNS |= {f'{p}{k}d_with_indices': k for p in ('max_pool', 'adaptive_max_pool', 'fractional_max_pool') for k in (1, 2, 3)}
-
+# %% ../nbs/04a_trace.ipynb #cf235309
 _F_NAMES: dict | None = None
 def _fn_name(fn) -> str:
-    "The plain name of a traced function: `F.max_pool2d` -> 'max_pool2d', `operator.iadd` -> 'add', `torch.relu_` -> 'relu'."
+    "The plain name of a traced function: `F.max_pool2d` -> 'max_pool2d', `operator.iadd` -> 'add'."
     global _F_NAMES
     if _F_NAMES is None:
         _F_NAMES = {}
@@ -101,18 +71,26 @@ def _fn_name(fn) -> str:
     except TypeError: name = getattr(fn, '__name__', str(fn))
     return _norm_name(name, getattr(fn, '__module__', None) in ('operator', '_operator'))
 
+# %% ../nbs/04a_trace.ipynb #dd5d4053
+_INPLACE_OPERATORS = {'iadd': 'add', 'isub': 'sub', 'imul': 'mul', 'itruediv': 'truediv', 'ifloordiv': 'floordiv',
+                      'ipow': 'pow', 'matmul': 'matmul', 'imatmul': 'matmul'}
+
 def _norm_name(name: str, is_operator: bool=False) -> str:
+    "A method's or function's name without its in-place marks: 'relu_' -> 'relu', operator 'iadd' -> 'add'."
     if is_operator and name in _INPLACE_OPERATORS: return _INPLACE_OPERATORS[name]
     if name.endswith('_') and not name.startswith('_'): name = name[:-1]  # relu_, add_, clamp_
     return name
 
+# %% ../nbs/04a_trace.ipynb #f74be2a8
 def _target_str(node: fx.Node) -> str:
+    "How an error names the op of `node`: \"module 'layer1.0.conv1': Conv2d\", 'Tensor.view', 'torch.cat'."
     t = node.target
     if node.op == 'call_module':
         m = node.graph.owning_module.get_submodule(t) if node.graph.owning_module is not None else None
         return f"module '{t}'" + (f": {type(m).__name__}" if m is not None else '')
     if node.op == 'call_method': return f'Tensor.{t}'
-    if node.op == 'call_function': return f"{getattr(t, '__module__', None) or ''}.{getattr(t, '__name__', t)}".lstrip('.')
+    if node.op == 'call_function':
+        return f"{getattr(t, '__module__', None) or ''}.{getattr(t, '__name__', t)}".lstrip('.')
     return str(t)
 
 def _multi(meta) -> bool:
@@ -121,15 +99,15 @@ def _multi(meta) -> bool:
 
 def _prod(xs) -> int: return math.prod(int(x) for x in xs)
 
-# %% ../nbs/04a_trace.ipynb #e63ab8ab
+# %% ../nbs/04a_trace.ipynb #e1b8508d
 class _Tracker:
     "Walks a shape-propagated fx graph, following feature spaces (union-find over space ids; space 0 is 'fixed')."
     def __init__(self, gm: fx.GraphModule, sd_keys: set[str], model_name: str='the model'):
         self.gm, self.keys, self.model_name = gm, sd_keys, model_name
         self.parent, self.size, self.name = [0], [None], [None]
         self.axes: dict[int, list[Axis]] = {}
-        # why spaces are fixed: a pin (space, blocked, reason) joins a space to 0, `links` keeps the joins between spaces,
-        # so that the end can say which pins hold each fixed space; `blocked` pins are only for lack of a rule
+        # why spaces are fixed: a pin (space, blocked, reason) joins a space to 0, `links` keeps the joins between
+        # spaces, so that the end can say which pins hold each fixed space; `blocked` pins are only for lack of a rule
         self.pins: list[tuple[int, bool, str]] = []
         self.links: list[tuple[int, int]] = []
         self.blockers: list[tuple[list[int], str]] = []  # (spaces, message) of each op without a rule on tracked values
@@ -138,528 +116,346 @@ class _Tracker:
         self.touched: set[str] = set()  # parameters given an axis by the node being visited
         self.param_uses: list[tuple[str, fx.Node]] = []  # (parameter, node) uses that gave it no axis
 
-    # -- union-find ------------------------------------------------------------------------------------------------
-    def new_space(self, name: str|None, n: int, fixed: str|None=None, blocked: bool=False) -> int:
-        s = len(self.parent); self.parent.append(s); self.size.append(int(n)); self.name.append(name)
-        if fixed: self.pin(s, fixed, blocked)
-        return s
-    def find(self, s: int) -> int:
-        while self.parent[s] != s:
-            self.parent[s] = self.parent[self.parent[s]]; s = self.parent[s]
-        return s
-    def union(self, a: int, b: int, node: fx.Node|None=None) -> None:
-        if a and b: self.links.append((a, b))
-        ra, rb = self.find(a), self.find(b)
-        if ra == rb: return
-        if ra and rb and self.size[ra] != self.size[rb]:
-            raise SpecError(f"node '{node.name if node is not None else '?'}' joins feature spaces '{self.name[ra]}' "
-                            f"({self.size[ra]}) and '{self.name[rb]}' ({self.size[rb]}) of different sizes. {_HAND}")
-        lo, hi = min(ra, rb), max(ra, rb)  # the root is the earliest space: 0 (fixed) or the first writer
-        self.parent[hi] = lo
-    def pin(self, s: int, why: str, blocked: bool=False) -> None:
-        "Keep space `s` fixed, for the reason `why` (`blocked`: only because an op has no rule)."
-        self.pins.append((s, blocked, why)); self.union(s, 0)
-    def fix(self, d, why: str, blocked: bool=False) -> None:
-        for s in self._spaces(d): self.pin(s, why, blocked)
-    def fix_by(self, node: fx.Node, a, d) -> None:
-        "`node` combines the features of `d` with `a`, a per-feature value that no transform changes: they are pinned."
-        o = self.held.get(a) if isinstance(a, fx.Node) else None
-        if o is None: self.fix(d, f"node '{node.name}' ({_target_str(node)}) combines it with '{a}', a per-feature tensor that no transform changes")
-        else: self.fix(d, f"node '{node.name}' ({_target_str(node)}) combines it with the output of node '{o.name}' "
-                       f"({_target_str(o)}), which trace_spec cannot follow", blocked=True)
-    def is_fixed(self, s: int) -> bool: return self.find(s) == 0
+# %% ../nbs/04a_trace.ipynb #4ac9a0f8
+@patch
+def new_space(self: _Tracker, name: str|None, n: int, fixed: str|None=None, blocked: bool=False) -> int:
+    "A new space of `n` features written by `name`; `fixed`: the reason it is pinned from the start."
+    s = len(self.parent)
+    self.parent.append(s)
+    self.size.append(int(n))
+    self.name.append(name)
+    if fixed: self.pin(s, fixed, blocked)
+    return s
 
-    def _spaces(self, d) -> list[int]:
-        if isinstance(d, _Feat): return d.spaces()
-        if isinstance(d, (tuple, list)): return [s for x in d for s in self._spaces(x)]
-        if isinstance(d, dict): return [s for x in d.values() for s in self._spaces(x)]
-        return []
+@patch
+def find(self: _Tracker, s: int) -> int:
+    "The root of space `s` (0 if it is fixed)."
+    while self.parent[s] != s:
+        self.parent[s] = self.parent[self.parent[s]]
+        s = self.parent[s]
+    return s
 
-    def add_axis(self, s: int, a: Axis) -> None:
-        if a.param in self.keys: self.axes.setdefault(s, []).append(a); self.touched.add(a.param)
-    def add_piece_axes(self, f: _Feat, param: str, dim: int, role: str, mult: int=1) -> None:
-        "One axis per piece of `f` on `param`'s dim `dim` (`mult` scales blocks and offsets)."
-        for s, n, b, o in f.offsets(): self.add_axis(s, Axis(param, dim, role, b * mult, o * mult))
+# %% ../nbs/04a_trace.ipynb #832c7bda
+@patch
+def union(self: _Tracker, a: int, b: int, node: fx.Node|None=None) -> None:
+    "Join spaces `a` and `b` (because of `node`)."
+    if a and b: self.links.append((a, b))
+    ra, rb = self.find(a), self.find(b)
+    if ra == rb: return
+    if ra and rb and self.size[ra] != self.size[rb]:
+        raise SpecError(f"node '{node.name if node is not None else '?'}' joins feature spaces '{self.name[ra]}' "
+                        f"({self.size[ra]}) and '{self.name[rb]}' ({self.size[rb]}) of different sizes. {_HAND}")
+    lo, hi = min(ra, rb), max(ra, rb)  # the root is the earliest space: 0 (fixed) or the first writer
+    self.parent[hi] = lo
 
-    def unsupported(self, node: fx.Node, descs, why: str):
-        "`node` does something to the spaces in `descs` that the rules do not cover: keep them fixed; the result is INV."
-        spaces = self._spaces(descs)
-        if spaces:
-            msg = f"node '{node.name}' ({_target_str(node)}) {why}"
-            self.blockers.append((spaces, msg)); self.fix(descs, msg, blocked=True); self.held[node] = node
-        return INV
+@patch
+def is_fixed(self: _Tracker, s: int) -> bool: return self.find(s) == 0
 
-    # -- shapes ----------------------------------------------------------------------------------------------------
-    @staticmethod
-    def shape(node) -> tuple[int, ...]|None:
-        m = node.meta.get('tensor_meta') if isinstance(node, fx.Node) else None
-        return tuple(int(s) for s in m.shape) if isinstance(m, TensorMetadata) else None
-    def desc(self, a):
-        if isinstance(a, fx.Node): return self.env.get(a)
-        if isinstance(a, (tuple, list)): return type(a)(self.desc(x) for x in a)
-        if isinstance(a, dict): return {k: self.desc(v) for k, v in a.items()}
+# %% ../nbs/04a_trace.ipynb #cae1adbb
+@patch
+def pin(self: _Tracker, s: int, why: str, blocked: bool=False) -> None:
+    "Keep space `s` fixed, for the reason `why` (`blocked`: only because an op has no rule)."
+    self.pins.append((s, blocked, why))
+    self.union(s, 0)
+
+@patch
+def fix(self: _Tracker, d, why: str, blocked: bool=False) -> None:
+    "Pin every space the value description `d` carries."
+    for s in self._spaces(d): self.pin(s, why, blocked)
+
+@patch
+def _spaces(self: _Tracker, d) -> list[int]:
+    "The spaces a value description carries (also inside tuples, lists and dicts)."
+    if isinstance(d, _Feat): return d.spaces()
+    if isinstance(d, (tuple, list)): return [s for x in d for s in self._spaces(x)]
+    if isinstance(d, dict): return [s for x in d.values() for s in self._spaces(x)]
+    return []
+
+# %% ../nbs/04a_trace.ipynb #65e5c5c5
+@patch
+def fix_by(self: _Tracker, node: fx.Node, a, d) -> None:
+    "`node` combines the features of `d` with `a`, a per-feature value that no transform changes: they are pinned."
+    o = self.held.get(a) if isinstance(a, fx.Node) else None
+    if o is None:
+        self.fix(d, f"node '{node.name}' ({_target_str(node)}) combines it with '{a}', a per-feature tensor that no "
+                 "transform changes")
+    else: self.fix(d, f"node '{node.name}' ({_target_str(node)}) combines it with the output of node '{o.name}' "
+                   f"({_target_str(o)}), which trace_spec cannot follow", blocked=True)
+
+@patch
+def unsupported(self: _Tracker, node: fx.Node, descs, why: str):
+    "`node` does something to the spaces in `descs` that the rules do not cover: keep them fixed; the result is INV."
+    spaces = self._spaces(descs)
+    if spaces:
+        msg = f"node '{node.name}' ({_target_str(node)}) {why}"
+        self.blockers.append((spaces, msg))
+        self.fix(descs, msg, blocked=True)
+        self.held[node] = node
+    return INV
+
+# %% ../nbs/04a_trace.ipynb #e097b797
+@patch
+def add_axis(self: _Tracker, s: int, a: Axis) -> None:
+    "Record that space `s` permutes axis `a` (if `a.param` is in the state dict)."
+    if a.param in self.keys:
+        self.axes.setdefault(s, []).append(a)
+        self.touched.add(a.param)
+
+@patch
+def add_piece_axes(self: _Tracker, f: _Feat, param: str, dim: int, role: str, mult: int=1) -> None:
+    "One axis per piece of `f` on `param`'s dim `dim` (`mult` scales blocks and offsets)."
+    for s, n, b, o in f.offsets(): self.add_axis(s, Axis(param, dim, role, b * mult, o * mult))
+
+# %% ../nbs/04a_trace.ipynb #335f9ce4
+@patch
+def shape(self: _Tracker, node) -> tuple[int, ...]|None:
+    "The shape of `node`'s tensor, or None if it is not a single tensor."
+    m = node.meta.get('tensor_meta') if isinstance(node, fx.Node) else None
+    return tuple(int(s) for s in m.shape) if isinstance(m, TensorMetadata) else None
+
+@patch
+def desc(self: _Tracker, a):
+    "What argument `a` carries (the same structure for tuples, lists and dicts)."
+    if isinstance(a, fx.Node): return self.env.get(a)
+    if isinstance(a, (tuple, list)): return type(a)(self.desc(x) for x in a)
+    if isinstance(a, dict): return {k: self.desc(v) for k, v in a.items()}
+    return None
+
+@patch
+def arg(self: _Tracker, node, i: int, name: str, default=None):
+    "Argument `name` of `node`, passed by keyword or as the `i`-th positional argument."
+    if name in node.kwargs: return node.kwargs[name]
+    return node.args[i] if len(node.args) > i else default
+
+# %% ../nbs/04a_trace.ipynb #3e649734
+@patch
+def tensor_args(self: _Tracker, node) -> list[fx.Node]:
+    "The argument nodes of `node` that are tensors (flattened out of lists/tuples/dicts)."
+    out = []
+    def walk(a):
+        if isinstance(a, fx.Node):
+            if self.shape(a) is not None or isinstance(self.env.get(a), (_Feat, _Param)): out.append(a)
+        elif isinstance(a, (tuple, list)):
+            for x in a: walk(x)
+        elif isinstance(a, dict):
+            for x in a.values(): walk(x)
+    walk(node.args)
+    walk(node.kwargs)
+    return out
+
+# %% ../nbs/04a_trace.ipynb #57cc2ec7
+@patch
+def run(self: _Tracker) -> None:
+    "Visit every node in topological order."
+    for node in self.gm.graph.nodes:
+        self.touched = set()
+        d = self.env[node] = self.visit(node)
+        if self._spaces(d): self.held.pop(node, None)  # a value held fixed by an op without a rule, and what follows it
+        elif node not in self.held:
+            o = next((self.held[a] for a in node.all_input_nodes if a in self.held), None)
+            if o is not None: self.held[node] = o
+        if node.op.startswith('call_'):  # a parameter read directly and used in a way that gave it no axis
+            for a in node.all_input_nodes:
+                da = self.env.get(a)
+                if isinstance(da, _Param) and da.name not in self.touched: self.param_uses.append((da.name, node))
+
+# %% ../nbs/04a_trace.ipynb #78ed47c4
+@patch
+def visit(self: _Tracker, node: fx.Node):
+    "What `node`'s value carries: inputs, parameters and the output here; calls through the tables of rules."
+    if node.op == 'placeholder': return INV
+    if node.op == 'get_attr': return _Param(node.target) if node.target in self.keys else INV
+    if node.op == 'output':
+        self.fix(self.desc(node.args), "the network's output")
         return None
-    def tensor_args(self, node) -> list[fx.Node]:
-        "The argument nodes of `node` that are tensors (flattened out of lists/tuples/dicts)."
-        out = []
-        def walk(a):
-            if isinstance(a, fx.Node):
-                if self.shape(a) is not None or isinstance(self.env.get(a), (_Feat, _Param)): out.append(a)
-            elif isinstance(a, (tuple, list)): [walk(x) for x in a]
-            elif isinstance(a, dict): [walk(x) for x in a.values()]
-        walk(node.args); walk(node.kwargs)
-        return out
-    @staticmethod
-    def arg(node, i: int, name: str, default=None):
-        if name in node.kwargs: return node.kwargs[name]
-        return node.args[i] if len(node.args) > i else default
+    if node.meta.get('tensor_meta') is None: return None  # a Python value (a size, a dtype, ...): carries no features
+    if node.op == 'call_module': return self.module(node, self.gm.get_submodule(node.target))
+    if node.op == 'call_function':
+        return self.function(node, _fn_name(node.target), node.args[0] if node.args else None)
+    if node.op == 'call_method': return self.function(node, _norm_name(node.target), node.args[0])
+    return self.generic(node)
 
-    # -- the walk --------------------------------------------------------------------------------------------------
-    def run(self) -> None:
-        for node in self.gm.graph.nodes:
-            self.touched = set()
-            d = self.env[node] = self.visit(node)
-            if self._spaces(d): self.held.pop(node, None)  # a value held fixed by an op without a rule, and what follows it
-            elif node not in self.held:
-                o = next((self.held[a] for a in node.all_input_nodes if a in self.held), None)
-                if o is not None: self.held[node] = o
-            if node.op.startswith('call_'):  # a parameter read directly and used in a way that gave it no axis
-                for a in node.all_input_nodes:
-                    da = self.env.get(a)
-                    if isinstance(da, _Param) and da.name not in self.touched: self.param_uses.append((da.name, node))
+# %% ../nbs/04a_trace.ipynb #f9956b02
+MODULE_RULES: dict[type, Callable] = {}  # module class -> rule(t, node, m, x, d); matched with isinstance, in order
+FUNCTION_RULES: dict[str, Callable] = {}  # function/method name (see `_fn_name`) -> rule(t, node, name, x, d)
 
-    def visit(self, node: fx.Node):
-        if node.op == 'placeholder': return INV
-        if node.op == 'get_attr': return _Param(node.target) if node.target in self.keys else INV
-        if node.op == 'output': self.fix(self.desc(node.args), "the network's output"); return None
-        meta = node.meta.get('tensor_meta')
-        if meta is None: return None  # a Python value (a size, a dtype, ...): carries no features
-        if node.op == 'call_module':
-            return self.module(node, self.gm.get_submodule(node.target), node.target)
-        if node.op == 'call_function':
-            fn = node.target
-            if fn is getattr: return self.getattr_(node)
-            return self.function(node, _fn_name(fn), node.args[0] if node.args else None)
-        if node.op == 'call_method':
-            return self.function(node, _norm_name(node.target), node.args[0])
-        return self.generic(node)
+def rule(*keys: type|str, # module classes (for `MODULE_RULES`) or function/method names (for `FUNCTION_RULES`)
+         tracked: bool=False, # only for a first argument that carries features; otherwise the op has no rule
+        ):
+    "Register the decorated function as the rule for `keys`."
+    def register(f):
+        f.tracked = tracked
+        for k in keys: (MODULE_RULES if isinstance(k, type) else FUNCTION_RULES)[k] = f
+        return f
+    return register
 
-    def generic(self, node: fx.Node, what: str="is not an operation trace_spec knows"):
-        "An op without a rule: fine on INV values, an error (if the space is not fixed) on tracked ones."
-        descs = [self.env.get(a) for a in self.tensor_args(node)]
-        if not any(isinstance(d, _Feat) for d in descs): return self._like_output(node, INV)
-        return self.unsupported(node, descs, f"{what}, and it reads feature space(s) {{spaces}}: it might mix "
-                                "or reorder features in a way a permutation of them cannot follow")
+def _classes(*names): return tuple(c for c in (getattr(nn, n, None) for n in names) if isinstance(c, type))
 
-    def _like_output(self, node, d):
-        m = node.meta.get('tensor_meta')
-        return tuple(d for _ in m) if _multi(m) else d
+# %% ../nbs/04a_trace.ipynb #83fbfab8
+@patch
+def module(self: _Tracker, node: fx.Node, m: nn.Module):
+    "Apply the rule of module `m`'s class."
+    x = node.args[0] if node.args else None
+    d = self.env.get(x) if isinstance(x, fx.Node) else None
+    f = next((f for c, f in MODULE_RULES.items() if isinstance(m, c)), None)
+    if f is not None and (isinstance(d, _Feat) or not f.tracked): return f(self, node, m, x, d)
+    if f is None and isinstance(d, _Feat):
+        return self.generic(node, f"is a {type(m).__name__} module, which trace_spec has no rule for")
+    return self.generic(node)
 
-    # -- modules ---------------------------------------------------------------------------------------------------
-    def module(self, node: fx.Node, m: nn.Module, q: str):
-        x = node.args[0] if node.args else None
-        d = self.env.get(x) if isinstance(x, fx.Node) else None
-        p = lambda n: f'{q}.{n}'
-        if isinstance(m, nn.Linear): return self.linear(node, m, q, d, x)
-        if isinstance(m, nn.modules.conv._ConvNd): return self.conv(node, m, q, d, x)
-        if isinstance(m, nn.Embedding):
-            out = self.new_space(q, m.embedding_dim); self.add_axis(out, Axis(p('weight'), 1, 'out'))
-            if isinstance(d, _Feat): self.unsupported(node, [d], "embeds a tracked value {spaces}")
-            return _Feat(len(self.shape(node)) - 1, ((out, m.embedding_dim, 1),))
-        if isinstance(m, _ELEMENTWISE_MODULES) or (isinstance(m, nn.PReLU) and m.num_parameters == 1):
-            return self.elementwise(node, [x])
-        if not isinstance(d, _Feat): return self.generic(node)
-        nd = len(self.shape(x))
-        if isinstance(m, nn.PReLU):
-            if d.dim != (1 if nd > 1 else 0): return self.unsupported(node, [d], "has per-channel slopes on dim 1, but the features {spaces} are on dim %d" % d.dim)
-            self.add_piece_axes(d, p('weight'), 0, 'out'); return d
-        if isinstance(m, _BATCHNORMS + _INSTANCENORMS):
-            cdim = 1 if isinstance(m, _BATCHNORMS) else nd - int(type(m).__name__[-2]) - 1
-            if d.dim != cdim: return self.unsupported(node, [d], f"normalises channels on dim {cdim}, but the features {{spaces}} are on dim {d.dim}")
-            for n in ('weight', 'bias', 'running_mean', 'running_var'): self.add_piece_axes(d, p(n), 0, 'out')
-            return d
-        if isinstance(m, _LAYERNORMS):
-            L = len(m.normalized_shape)
-            if d.dim >= nd - L:
-                for n in ('weight', 'bias'): self.add_piece_axes(d, p(n), d.dim - (nd - L), 'out')
-            return d
-        if isinstance(m, nn.GroupNorm):
-            if d.dim != 1: return self.unsupported(node, [d], f"normalises channels on dim 1, but the features {{spaces}} are on dim {d.dim}")
-            if m.num_groups not in (1, m.num_channels):
-                return self.unsupported(node, [d], f"is GroupNorm with num_groups={m.num_groups} over {m.num_channels} channels "
-                                        "(features {spaces}): only num_groups=1 or num_groups=num_channels commute with a permutation "
-                                        "of the channels (other permutations move channels between normalisation groups)")
-            for n in ('weight', 'bias'): self.add_piece_axes(d, p(n), 0, 'out')
-            return d
-        if isinstance(m, (nn.Flatten, nn.Unflatten)): return self.reshape(node, x, d)
-        cls = type(m).__name__
-        if cls.startswith(_SPATIAL_PREFIXES) and cls[-2:] in ('1d', '2d', '3d'): return self.spatial(node, d, nd, int(cls[-2]))
-        if isinstance(m, _UPSAMPLES): return self.spatial(node, d, nd, nd - 2)
-        return self.generic(node, f"is a {cls} module, which trace_spec has no rule for")
+@patch
+def function(self: _Tracker, node: fx.Node, name: str, x):
+    "Apply the rule of the function or method called `name`."
+    d = self.env.get(x) if isinstance(x, fx.Node) else None
+    f = FUNCTION_RULES.get(name)
+    if f is None or (f.tracked and not isinstance(d, _Feat)): return self.generic(node)
+    return f(self, node, name, x, d)
 
-    def linear(self, node, m, q, d, x):
-        out = self.new_space(q, m.out_features)
-        self.add_axis(out, Axis(f'{q}.weight', 0, 'out')); self.add_axis(out, Axis(f'{q}.bias', 0, 'out'))
-        if isinstance(d, _Feat):
-            if d.dim != len(self.shape(x)) - 1:
-                self.unsupported(node, [d], f"reads the last dimension, but the features {{spaces}} are on dim {d.dim}")
-            else: self.add_piece_axes(d, f'{q}.weight', 1, 'in')
-        return _Feat(len(self.shape(node)) - 1, ((out, m.out_features, 1),))
+# %% ../nbs/04a_trace.ipynb #a4b0663b
+@patch
+def generic(self: _Tracker, node: fx.Node, what: str="is not an operation trace_spec knows"):
+    "An op without a rule: fine on INV values, an error (if the space is not fixed) on tracked ones."
+    descs = [self.env.get(a) for a in self.tensor_args(node)]
+    if not any(isinstance(d, _Feat) for d in descs): return self._like_output(node, INV)
+    return self.unsupported(node, descs, f"{what}, and it reads feature space(s) {{spaces}}: it might mix "
+                            "or reorder features in a way a permutation of them cannot follow")
 
-    def conv(self, node, m, q, d, x):
-        k = m.weight.ndim - 2
-        tr = isinstance(m, nn.modules.conv._ConvTransposeNd)
-        wout, win = (1, 0) if tr else (0, 1)
-        cdim = len(self.shape(x)) - k - 1
-        if isinstance(d, _Feat) and d.dim != cdim:  # (blocks are fine: feature c owns input channels c*b .. c*b+b-1)
-            self.unsupported(node, [d], f"reads channels on dim {cdim}, but the features {{spaces}} are on dim {d.dim}"); d = INV
-        cin, cout, g = m.in_channels, m.out_channels, m.groups
-        if g == 1:
-            out = self.new_space(q, cout)
-            self.add_axis(out, Axis(f'{q}.weight', wout, 'out')); self.add_axis(out, Axis(f'{q}.bias', 0, 'out'))
-            if isinstance(d, _Feat): self.add_piece_axes(d, f'{q}.weight', win, 'in')
-            return _Feat(cdim, ((out, cout, 1),))
-        if g == cin and cout % cin == 0:  # depthwise: output channel c*mult+j reads only input channel c
-            if not isinstance(d, _Feat): return INV
-            mult = cout // cin
-            if tr: self.add_piece_axes(d, f'{q}.weight', 0, 'out')
-            else: self.add_piece_axes(d, f'{q}.weight', 0, 'out', mult)
-            self.add_piece_axes(d, f'{q}.bias', 0, 'out', mult)
-            return _Feat(cdim, tuple((s, n, b * mult) for s, n, b in d.pieces))
-        if isinstance(d, _Feat):
-            self.unsupported(node, [d], f"is a grouped convolution (groups={g}), which only commutes with permutations "
-                             "within its channel groups (features {spaces})")
-        return INV
+@patch
+def _like_output(self: _Tracker, node, d):
+    "`d` for a node with one output, a tuple of `d`s for a node with several."
+    m = node.meta.get('tensor_meta')
+    return tuple(d for _ in m) if _multi(m) else d
 
-    # -- functions and methods -------------------------------------------------------------------------------------
-    def function(self, node: fx.Node, name: str, x):
-        d = self.env.get(x) if isinstance(x, fx.Node) else None
-        if name == 'getitem' and isinstance(d, (tuple, list)): return d[node.args[1]]
-        if name in _POINTWISE or name == 'identity': return self.elementwise(node, self.tensor_args(node))
-        if name in _FIRST_ONLY: return self.elementwise(node, [x]) if isinstance(x, fx.Node) else self.generic(node)
-        if name in ('cat', 'concat', 'concatenate'): return self.cat(node)
-        if name == 'stack': return self.stack(node)
-        if name == 'linear': return self.flinear(node, x, d)
-        if not isinstance(d, _Feat): return self.generic(node)
-        if name in ('layer_norm', 'rms_norm', 'group_norm', 'batch_norm', 'instance_norm'): return self.fnorm(node, name, x, d)
-        if name in _RESHAPES: return self.reshape(node, x, d)
-        if name in _PERMUTES: return self.permute(node, name, d)
-        if name in _REDUCTIONS: return self.reduce(node, name, x, d)
-        if name in ('chunk', 'split', 'tensor_split', 'unbind', 'split_with_sizes'): return self.split(node, name, x, d)
-        if name in ('expand', 'expand_as', 'broadcast_to', 'repeat', 'tile'):
-            ins, outs = self.shape(x), self.shape(node); k = d.dim + len(outs) - len(ins)
-            if outs[k] == ins[d.dim]: return d.at(k)
-            return self.unsupported(node, [d], "repeats the features {spaces} along their own dimension")
-        if name == 'getitem': return self.getitem(node, x, d)
-        nd = len(self.shape(x))
-        if name in _SPATIAL_FNS: return self.spatial(node, d, nd, _SPATIAL_FNS[name])
-        if name in ('interpolate', 'upsample', 'upsample_nearest', 'upsample_bilinear'): return self.spatial(node, d, nd, nd - 2)
-        if name == 'pad': return self.spatial(node, d, nd, len(self.arg(node, 1, 'pad')) // 2)
-        return self.generic(node)
+# %% ../nbs/04a_trace.ipynb #3d8224f9
+@patch
+def _join_slots(self: _Tracker) -> None:
+    "A parameter dimension can only be transformed one way: spaces that claim the same slot are one space."
+    slots = {}
+    for s, axs in self.axes.items():
+        for a in axs:
+            key = (a.param, a.dim, a.offset, a.block)
+            if key in slots: self.union(slots[key], s)
+            else: slots[key] = s
 
-    def _params(self, node, slots: dict[str, int]):
-        "The parameter arguments of a functional op, as {name: _Param}; None if one is computed rather than read."
-        out = {}
-        for n, i in slots.items():
-            a = self.arg(node, i, n)
-            if not isinstance(a, fx.Node): continue
-            da = self.env.get(a)
-            if not isinstance(da, _Param): return None
-            out[n] = da
-        return out
+# %% ../nbs/04a_trace.ipynb #0eb17154
+@patch
+def _explain(self: _Tracker):
+    "The spaces joined with each other, ignoring the joins with 0 (union-find roots), and a name for each."
+    root = list(range(len(self.parent)))
+    def rf(s):
+        while root[s] != s:
+            root[s] = root[root[s]]
+            s = root[s]
+        return s
+    for a, b in self.links:
+        ra, rb = rf(a), rf(b)
+        if ra != rb: root[max(ra, rb)] = min(ra, rb)
+    label = {}  # a space's name: the first space in it that a layer writes
+    for s in range(1, len(self.parent)):
+        if self.name[s] and rf(s) not in label: label[rf(s)] = self.name[s]
+    return rf, label
 
-    def flinear(self, node, x, d):
-        "F.linear(x, self.weight, self.bias) on parameters read directly: like an nn.Linear named after the weight's owner."
-        ps = self._params(node, {'weight': 1, 'bias': 2})
-        if not ps or 'weight' not in ps: return self.generic(node, "is a linear map whose weight is computed")
-        w = ps['weight'].name; n = self.shape(node)[-1]
-        out = self.new_space(w[:-len('.weight')] if w.endswith('.weight') else w, n)
-        self.add_axis(out, Axis(w, 0, 'out'))
-        if 'bias' in ps: self.add_axis(out, Axis(ps['bias'].name, 0, 'out'))
-        if isinstance(d, _Feat):
-            if d.dim != len(self.shape(x)) - 1:
-                self.unsupported(node, [d], f"reads the last dimension, but the features {{spaces}} are on dim {d.dim}")
-            else: self.add_piece_axes(d, w, 1, 'in')
-        return _Feat(len(self.shape(node)) - 1, ((out, n, 1),))
+# %% ../nbs/04a_trace.ipynb #95e0c6ef
+@patch
+def _check_param_uses(self: _Tracker) -> None:
+    "A parameter used directly in a way that gave it no axis must not be permuted by a group."
+    live = {a.param: self.name[self.find(s)] for s, axs in self.axes.items() if not self.is_fixed(s) for a in axs}
+    for p, node in self.param_uses:
+        if p in live:
+            raise SpecError(f"cannot derive a spec: node '{node.name}' ({_target_str(node)}) uses parameter '{p}' "
+                            f"directly, in a way trace_spec cannot follow, but '{p}' is also part of feature space "
+                            f"'{live[p]}' (so permuting that space would change what the node computes). {_HAND}")
 
-    def fnorm(self, node, name, x, d):
-        "Functional norms whose affine parameters / statistics are parameters or buffers read directly."
-        slots = {'layer_norm': {'weight': 2, 'bias': 3}, 'rms_norm': {'weight': 2},
-                 'group_norm': {'weight': 2, 'bias': 3},
-                 'batch_norm': {'running_mean': 1, 'running_var': 2, 'weight': 3, 'bias': 4},
-                 'instance_norm': {'running_mean': 1, 'running_var': 2, 'weight': 3, 'bias': 4}}[name]
-        ps = self._params(node, slots)
-        if ps is None: return self.generic(node, "is a norm whose parameters are computed")
-        nd = len(self.shape(x))
-        if name in ('layer_norm', 'rms_norm'):
-            ns = self.arg(node, 1, 'normalized_shape'); L = len(ns) if isinstance(ns, (tuple, list)) else 1
-            if d.dim >= nd - L:
-                for p in ps.values(): self.add_piece_axes(d, p.name, d.dim - (nd - L), 'out')
-            return d
-        if d.dim != 1: return self.unsupported(node, [d], f"normalises channels on dim 1, but the features {{spaces}} are on dim {d.dim}")
-        if name == 'group_norm':
-            G, C = self.arg(node, 1, 'num_groups'), self.shape(x)[1]
-            if G not in (1, C):
-                return self.unsupported(node, [d], f"is group_norm with num_groups={G} over {C} channels (features {{spaces}}): "
-                                        "only num_groups=1 or num_groups=num_channels commute with a permutation of the channels")
-        for p in ps.values(): self.add_piece_axes(d, p.name, 0, 'out')
-        return d
+# %% ../nbs/04a_trace.ipynb #f6c53cb5
+@patch
+def _groups(self: _Tracker) -> dict[str, Group]:
+    "A `Group` for each space that is not fixed and that a layer writes, in topological order."
+    groups: dict[int, dict] = {}
+    for s in range(1, len(self.parent)):
+        r = self.find(s)
+        if r == 0: continue
+        lst = groups.setdefault(r, {})
+        for a in self.axes.get(s, []):  # one axis per slot: a tied weight read and written in one space: permuted once
+            key = (a.param, a.dim, a.offset, a.block)
+            if key not in lst or (a.role == 'out' and lst[key].role == 'in'): lst[key] = a
+    out = {}
+    for r, axs in groups.items():  # root ids are creation order, i.e. topological order
+        axs = list(axs.values())
+        if not any(a.role == 'out' for a in axs): continue
+        name = self.name[r] if self.name[r] not in out else f'{self.name[r]}#{r}'
+        out[name] = Group(name, self.size[r], tuple(axs))
+    return out
 
-    def getattr_(self, node):
-        x, attr = node.args[0], node.args[1]
-        d = self.env.get(x) if isinstance(x, fx.Node) else None
-        if isinstance(d, tuple) and attr in ('values', 'indices'): return d[0 if attr == 'values' else 1]
-        if attr in ('T', 'mT', 'mH', 'H'): return self.permute(node, attr, d) if isinstance(d, _Feat) else INV
-        if attr in ('data', 'real'): return d
-        return self.generic(node)
+# %% ../nbs/04a_trace.ipynb #6dfc5a0a
+@patch
+def _fixed(self: _Tracker, rf, label, names, groups) -> dict[str, str]:
+    "Every fixed space that a layer writes, with the reasons (`self.blocked`: those fixed only for lack of a rule)."
+    spaces_of = {m: sp for sp, m in self.blockers}
+    why = {}
+    for s, blocked, m in self.pins:
+        why.setdefault(rf(s), []).append((blocked, m.replace('{spaces}', names(spaces_of.get(m, [s])))))
+    written = {rf(s) for s, axs in self.axes.items() if self.is_fixed(s) and any(a.role == 'out' for a in axs)}
+    fixed, self.blocked = {}, []
+    for r in sorted(written & set(label)):
+        rs = why.get(r) or [(False, 'joined with a fixed space')]
+        ms = list(dict.fromkeys(m for _, m in sorted(rs, key=lambda t: t[0])))  # the reasons that need no rule first
+        name = label[r] if label[r] not in groups and label[r] not in fixed else f'{label[r]}#{r}'
+        fixed[name] = '; '.join(ms[:3]) + (f'; and {len(ms) - 3} more' if len(ms) > 3 else '')
+        if all(b for b, _ in rs): self.blocked.append(name)
+    if self.blocked and not groups:
+        ms = [m.replace('{spaces}', names(sp)) for sp, m in self.blockers]
+        raise SpecError(f"cannot derive a spec for {self.model_name}: " + '; '.join(ms) + ". So no feature space is "
+                        f"left to transform ({', '.join(repr(b) for b in self.blocked)} held fixed). " + _HAND)
+    return fixed
 
-    def elementwise(self, node: fx.Node, args: list):
-        "Pointwise ops with broadcasting: tracked operands must line up (their spaces are joined)."
-        outs = self.shape(node); nd = len(outs)
-        feats, others = [], []
-        for a in args:
-            if not isinstance(a, fx.Node): continue
-            da, sa = self.env.get(a), self.shape(a)
-            if isinstance(da, _Feat): feats.append((a, da, nd - len(sa)))
-            elif sa is not None or isinstance(da, _Param): others.append((a, da))
-        if not feats: return INV
-        _, f0, off0 = feats[0]; dim = f0.dim + off0
-        for a, f, off in feats:
-            if f.dim + off != dim or f.layout() != f0.layout() or f.total != outs[dim]:
-                return self.unsupported(node, [f for _, f, _ in feats], "combines tracked values {spaces} whose features "
-                                        "do not line up (different dimensions or layouts)")
-        for _, f, _ in feats[1:]:
-            for s0, s in zip(f0.spaces(), f.spaces()): self.union(s0, s, node)
-        for a, da in others:
-            sa = self.shape(a)
-            if sa is None: continue
-            k = dim - (nd - len(sa))
-            if k < 0 or sa[k] == 1: continue  # broadcast along the features: no interaction
-            if isinstance(da, _Param) and sa[k] == f0.total: self.add_piece_axes(f0, da.name, k, 'out')
-            else: self.fix_by(node, a, f0)  # a fixed per-feature tensor pins the features in place
-        return f0.at(dim)
+# %% ../nbs/04a_trace.ipynb #565c55ce
+@patch
+def spec(self: _Tracker) -> Spec:
+    "The `Spec` of the walked graph: its groups, and the spaces held fixed with the reasons."
+    self._join_slots()
+    rf, label = self._explain()
+    def names(spaces): return ', '.join(sorted({f"'{label.get(rf(s), '?')}'" for s in spaces}))
+    self._check_param_uses()
+    groups = self._groups()
+    return Spec(groups, self._fixed(rf, label, names, groups))
 
-    def cat(self, node):
-        ts = self.arg(node, 0, 'tensors'); cd = self.arg(node, 1, 'dim', 0)
-        outs = self.shape(node); cd = cd % len(outs)
-        descs = [self.env.get(t) for t in ts]
-        if not any(isinstance(d, _Feat) for d in descs): return INV
-        if all(not isinstance(d, _Feat) or d.dim == cd for d in descs):
-            pieces = []
-            for t, d in zip(ts, descs):
-                if isinstance(d, _Feat): pieces.extend(d.pieces)
-                else:
-                    o = self.held.get(t) if isinstance(t, fx.Node) else None
-                    s = self.new_space(None, self.shape(t)[cd], fixed=f"a fixed value ('{t}') concatenated in node '{node.name}'", blocked=o is not None)
-                    pieces.append((s, self.shape(t)[cd], 1))
-            return _Feat(cd, tuple(pieces))
-        if any(isinstance(d, _Feat) and d.dim == cd for d in descs):
-            return self.unsupported(node, descs, "concatenates tracked values {spaces} along different dimensions")
-        return self.elementwise(node, list(ts))  # along another dim: the features must line up
-
-    def stack(self, node):
-        ts = self.arg(node, 0, 'tensors'); sd = self.arg(node, 1, 'dim', 0)
-        outs = self.shape(node); sd = sd % len(outs)
-        descs = [self.env.get(t) for t in ts]
-        feats = [d for d in descs if isinstance(d, _Feat)]
-        if not feats: return INV
-        dims = {d.dim + (d.dim >= sd) for d in feats}
-        if len(dims) != 1 or any(f.layout() != feats[0].layout() for f in feats):
-            return self.unsupported(node, descs, "stacks tracked values {spaces} whose features do not line up")
-        dim = dims.pop()
-        for f in feats[1:]:
-            for a, b in zip(feats[0].spaces(), f.spaces()): self.union(a, b, node)
-        for t, d in zip(ts, descs):
-            if not isinstance(d, _Feat) and self.shape(t)[dim - (dim > sd)] != 1: self.fix_by(node, t, feats[0])
-        return feats[0].at(dim)
-
-    def reshape(self, node, x, d: _Feat):
-        "A row-major reshape keeps the features if they stay the major part of one output dimension."
-        ins, outs = self.shape(x), self.shape(node)
-        pre, n = _prod(ins[:d.dim]), ins[d.dim]
-        cands = []
-        for j in range(len(outs)):
-            if _prod(outs[:j]) != pre or n == 0 or outs[j] % n: continue
-            P, acc, ok = outs[j] // n, 1, outs[j] // n == 1
-            for k in range(d.dim + 1, len(ins)):
-                if ok or acc > P: break
-                acc *= ins[k]; ok = acc == P
-            if ok: cands.append((j, P))
-        if cands:
-            j, P = next((c for c in cands if outs[c[0]] != 1), cands[0])
-            return _Feat(j, tuple((s, m, b * P) for s, m, b in d.pieces))
-        return self.unsupported(node, [d], f"reshapes {ins} -> {outs}, which splits the features {{spaces}} on dim "
-                                f"{d.dim} or makes them a minor part of a flattened dimension")
-
-    def permute(self, node, name, d: _Feat):
-        "transpose / permute / movedim: follow the features to their new position."
-        nd = len(self.shape(node.args[0]))
-        probe = torch.empty(*[i + 2 for i in range(nd)], device='meta')
-        rest = node.args[1:]
-        if any(isinstance(a, fx.Node) for a in rest): return self.generic(node)
-        if name in ('T', 'mT', 'mH', 'H'): out = getattr(probe, name)
-        elif name == 't': out = probe.t()
-        elif name == 'permute': out = probe.permute(*(rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest))
-        else: out = getattr(torch, name)(probe, *rest, **node.kwargs)
-        return d.at([s - 2 for s in out.shape].index(d.dim))
-
-    def reduce(self, node, name, x, d: _Feat):
-        if name in ('max', 'min') and isinstance(self.arg(node, 1, 'other'), fx.Node):
-            return self.elementwise(node, self.tensor_args(node))
-        dims = self.arg(node, 2 if name == 'norm' else 1, 'dim', None)
-        if dims is None: dims = self.arg(node, 1, 'axis', None) if name != 'norm' else None
-        ins = self.shape(x); nd = len(ins)
-        if dims is None: dims = tuple(range(nd))
-        dims = {int(k) % nd for k in (dims if isinstance(dims, (tuple, list)) else (dims,))}
-        if d.dim in dims:
-            if name in _WITH_INDICES and name not in ('max', 'min', 'median') or _multi(node.meta['tensor_meta']):
-                return self.unsupported(node, [d], "returns indices along the features {spaces}, which a permutation changes")
-            return INV  # a reduction over the features is invariant to their order
-        m = node.meta['tensor_meta']; outs = self.shape(node) if isinstance(m, TensorMetadata) else tuple(m[0].shape)
-        dim = d.dim if len(outs) == nd else d.dim - sum(k < d.dim for k in dims)
-        return self._like_output(node, d.at(dim))
-
-    def split(self, node, name, x, d: _Feat):
-        ins = self.shape(x); nd = len(ins)
-        sd = self.arg(node, 1 if name == 'unbind' else 2, 'dim', 0) % nd
-        metas = node.meta['tensor_meta']
-        if sd != d.dim:
-            dim = d.dim - (name == 'unbind' and sd < d.dim)
-            return tuple(d.at(dim) for _ in metas)
-        if name == 'unbind': return self.unsupported(node, [d], "unbinds the features {spaces}")
-        out, pieces = [], list(d.pieces)
-        for m in metas:
-            want, take = int(m.shape[sd]), []
-            while want > 0 and pieces and pieces[0][1] * pieces[0][2] <= want:
-                take.append(pieces.pop(0)); want -= take[-1][1] * take[-1][2]
-            if want: return self.unsupported(node, [d], "splits the features {spaces} inside one feature space")
-            out.append(_Feat(sd, tuple(take)))
-        return tuple(out)
-
-    def getitem(self, node, x, d):
-        idx = node.args[1]; idx = idx if isinstance(idx, tuple) else (idx,)
-        ins = self.shape(x); nd = len(ins)
-        if any(not (it is None or it is Ellipsis or isinstance(it, (int, slice))) for it in idx):
-            return self.unsupported(node, [d], "indexes the value holding features {spaces} with tensors")
-        used = sum(isinstance(it, (int, slice)) for it in idx)
-        full = []
-        for it in idx:
-            if it is Ellipsis: full.extend([slice(None)] * (nd - used))
-            else: full.append(it)
-        i = o = 0; dim = None
-        for it in full:
-            if it is None: o += 1; continue
-            if i == d.dim:
-                whole = isinstance(it, slice) and it.step in (None, 1) and it.start in (None, 0) and (it.stop is None or it.stop >= ins[i])
-                if not whole: return self.unsupported(node, [d], "selects some of the features {spaces}")
-                dim = o
-            if isinstance(it, slice): o += 1
-            i += 1
-        if dim is None: dim = o + d.dim - i
-        return d.at(dim)
-
-    def spatial(self, node, d: _Feat, nd: int, k: int):
-        "Ops on the last `k` dimensions (pooling, padding, resizing) keep features that live before them."
-        if d.dim < nd - k: return self._like_output(node, d)
-        return self.unsupported(node, [d], f"acts on the last {k} dimension(s), which hold the features {{spaces}}")
-
-    # -- the result ------------------------------------------------------------------------------------------------
-    def _explain(self):
-        "The spaces joined with each other, ignoring the joins with 0 (union-find roots), and a name for each."
-        root = list(range(len(self.parent)))
-        def rf(s):
-            while root[s] != s: root[s] = root[root[s]]; s = root[s]
-            return s
-        for a, b in self.links:
-            ra, rb = rf(a), rf(b)
-            if ra != rb: root[max(ra, rb)] = min(ra, rb)
-        label = {}  # a space's name: the first space in it that a layer writes
-        for s in range(1, len(self.parent)):
-            if self.name[s] and rf(s) not in label: label[rf(s)] = self.name[s]
-        return rf, label
-
-    def spec(self) -> Spec:
-        # a parameter dimension can only be transformed one way: spaces that claim the same slot are one space
-        slots = {}
-        for s, axs in self.axes.items():
-            for a in axs:
-                key = (a.param, a.dim, a.offset, a.block)
-                if key in slots: self.union(slots[key], s)
-                else: slots[key] = s
-        rf, label = self._explain()
-        names = lambda spaces: ', '.join(sorted({f"'{label.get(rf(s), '?')}'" for s in spaces}))
-        live = {a.param: self.name[self.find(s)] for s, axs in self.axes.items() if not self.is_fixed(s) for a in axs}
-        for p, node in self.param_uses:
-            if p in live:
-                raise SpecError(f"cannot derive a spec: node '{node.name}' ({_target_str(node)}) uses parameter '{p}' "
-                                f"directly, in a way trace_spec cannot follow, but '{p}' is also part of feature space "
-                                f"'{live[p]}' (so permuting that space would change what the node computes). {_HAND}")
-        groups: dict[int, list[Axis]] = {}
-        for s in range(1, len(self.parent)):
-            r = self.find(s)
-            if r == 0: continue
-            lst = groups.setdefault(r, {})
-            for a in self.axes.get(s, []):  # one axis per slot: a tied weight read and written in one space is permuted once
-                key = (a.param, a.dim, a.offset, a.block)
-                if key not in lst or (a.role == 'out' and lst[key].role == 'in'): lst[key] = a
-        out = {}
-        for r, axs in groups.items():  # root ids are creation order, i.e. topological order
-            axs = list(axs.values())
-            if not any(a.role == 'out' for a in axs): continue
-            name = self.name[r]
-            if name in out: name = f'{name}#{r}'
-            out[name] = Group(name, self.size[r], tuple(axs))
-        return Spec(out, self._fixed(rf, label, names, out))
-
-    def _fixed(self, rf, label, names, groups) -> dict[str, str]:
-        "Every fixed space that a layer writes, with the reasons it is fixed (`self.blocked`: those fixed only for lack of a rule)."
-        spaces_of = {m: sp for sp, m in self.blockers}
-        why, written = {}, set()
-        for s, blocked, m in self.pins: why.setdefault(rf(s), []).append((blocked, m.replace('{spaces}', names(spaces_of.get(m, [s])))))
-        for s, axs in self.axes.items():
-            if self.is_fixed(s) and any(a.role == 'out' for a in axs): written.add(rf(s))
-        fixed, self.blocked = {}, []
-        for r in sorted(written & set(label)):
-            rs = why.get(r) or [(False, 'joined with a fixed space')]
-            ms = list(dict.fromkeys(m for _, m in sorted(rs, key=lambda t: t[0])))  # the reasons that need no rule first
-            name = label[r] if label[r] not in groups and label[r] not in fixed else f'{label[r]}#{r}'
-            fixed[name] = '; '.join(ms[:3]) + (f'; and {len(ms) - 3} more' if len(ms) > 3 else '')
-            if all(b for b, _ in rs): self.blocked.append(name)
-        if self.blocked and not groups:
-            ms = [m.replace('{spaces}', names(sp)) for sp, m in self.blockers]
-            raise SpecError(f"cannot derive a spec for {self.model_name}: " + '; '.join(ms) + ". So no feature space is left "
-                            f"to transform ({', '.join(repr(b) for b in self.blocked)} held fixed). " + _HAND)
-        return fixed
-
-# %% ../nbs/04a_trace.ipynb #f9da47dd
+# %% ../nbs/04a_trace.ipynb #58e20f17
 def _first_line(e: BaseException) -> str:
     "The first line of the innermost cause of `e` (ShapeProp wraps the real error)."
     while e.__cause__ is not None: e = e.__cause__
     return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
 
-def _where(e: BaseException, model: nn.Module) -> str|None:
-    "'Cls.forward at file:line: `code`': the innermost frame of `e`'s tracebacks that runs the model's own code."
+def _model_frame(e: BaseException, model: nn.Module):
+    "(frame, line, self) of the innermost frame in `e`'s tracebacks (innermost cause first) that runs `model`'s code."
     mods = {id(m) for m in model.modules()}
     try: src = inspect.getsourcefile(type(model))
     except (TypeError, OSError): src = None
-    lib, hit = os.path.dirname(torch.__file__), None
-    while e is not None and hit is None:  # the innermost cause first
-        chain = [e]
-        while chain[-1].__cause__ is not None: chain.append(chain[-1].__cause__)
-        for err in reversed(chain):
-            tb = err.__traceback__
-            while tb is not None:
-                f = tb.tb_frame; me = f.f_locals.get('self'); fn = f.f_code.co_filename
-                if not fn.startswith(lib) and (isinstance(me, nn.Module) and id(me) in mods or fn == src): hit = (f, tb.tb_lineno, me)
-                tb = tb.tb_next
-            if hit: break
-        e = None
+    lib, hit, chain = os.path.dirname(torch.__file__), None, [e]
+    while chain[-1].__cause__ is not None: chain.append(chain[-1].__cause__)
+    for err in reversed(chain):
+        tb = err.__traceback__
+        while tb is not None:
+            f = tb.tb_frame
+            me, fn = f.f_locals.get('self'), f.f_code.co_filename
+            if not fn.startswith(lib) and (isinstance(me, nn.Module) and id(me) in mods or fn == src):
+                hit = (f, tb.tb_lineno, me)
+            tb = tb.tb_next
+        if hit: return hit
+    return None
+
+# %% ../nbs/04a_trace.ipynb #3331b4e4
+def _where(e: BaseException, model: nn.Module) -> str|None:
+    "'Cls.forward at file:line: `code`': where in the model's own code `e` was raised."
+    hit = _model_frame(e, model)
     if hit is None: return None
-    f, line, me = hit; fn = f.f_code.co_filename
-    who = f"{type(me).__name__}.{f.f_code.co_name}" if isinstance(me, nn.Module) else getattr(f.f_code, 'co_qualname', f.f_code.co_name)
+    f, line, me = hit
+    fn = f.f_code.co_filename
+    if isinstance(me, nn.Module): who = f"{type(me).__name__}.{f.f_code.co_name}"
+    else: who = getattr(f.f_code, 'co_qualname', f.f_code.co_name)
     code = linecache.getline(fn, line).strip()
     return f"{who} at {fn}:{line}" + (f": `{code}`" if code else '')
 
+# %% ../nbs/04a_trace.ipynb #451393cf
 @contextlib.contextmanager
 def _quiet_stderr():
     "Hold back stderr: torch.fx prints its own traceback of a failure before raising; on success, pass everything on."
@@ -670,40 +466,44 @@ def _quiet_stderr():
         text = buf.getvalue()
         for mark in ('Traceback (most recent call last)', 'Call using an FX-traced Module'):
             text = text.split(mark)[0]
-        sys.stderr.write(text); raise
+        sys.stderr.write(text)
+        raise
     sys.stderr.write(buf.getvalue())
 
+# %% ../nbs/04a_trace.ipynb #afa05318
+def _fx_trace(model: nn.Module) -> fx.GraphModule:
+    "`fx.symbolic_trace(model)`, or a `SpecError` that says where and why it cannot be traced."
+    try:
+        with _quiet_stderr(): return fx.symbolic_trace(model)
+    except Exception as e:
+        where, msg = _where(e, model), _first_line(e)
+        where = f"; {'control flow in' if 'control flow' in msg else 'in'} {where}" if where else ''
+        raise SpecError(f"torch.fx cannot trace {type(model).__name__} ({msg}{where}). "
+                        "trace_spec needs a forward pass without Python control flow that depends on tensor values. "
+                        + _HAND) from e
+
+# %% ../nbs/04a_trace.ipynb #2623a3a5
 def _example_input(gm: fx.GraphModule, model: nn.Module) -> Tensor:
     "A guess at an input batch, from the first layer that reads the input."
     placeholders = [n for n in gm.graph.nodes if n.op == 'placeholder']
     if len(placeholders) != 1:
-        raise SpecError(f"{type(model).__name__}.forward takes {len(placeholders)} inputs; pass example inputs as x=(...)")
+        raise SpecError(f"{type(model).__name__}.forward takes {len(placeholders)} inputs; "
+                        "pass example inputs as x=(...)")
     g = torch.Generator().manual_seed(0)
     for n in gm.graph.nodes:
         if n.op != 'call_module': continue
         m = gm.get_submodule(n.target)
         if isinstance(m, nn.modules.conv._ConvNd):
-            k = m.weight.ndim - 2; side = {1: 64, 2: 32, 3: 16}[k]
+            k = m.weight.ndim - 2
+            side = {1: 64, 2: 32, 3: 16}[k]
             return torch.randn(2, m.in_channels, *[side] * k, generator=g)
         if isinstance(m, nn.Linear): return torch.randn(2, m.in_features, generator=g)
         if isinstance(m, nn.Embedding): return torch.randint(0, m.num_embeddings, (2, 16), generator=g)
     raise SpecError(f"cannot guess an input for {type(model).__name__}: pass an example batch as x=...")
 
-def trace_spec(model: nn.Module, # the model whose transformable feature spaces to find
-               x: Tensor|tuple|None=None, # an example input batch (a tuple for several inputs); guessed if None
-              ) -> Spec:
-    "The `Spec` of `model`, derived by tracing its forward pass with torch.fx (check it with `verify_spec`)."
-    _need_module(model, 'trace_spec', 'to trace its forward pass', _NO_SD)
-    try:
-        with _quiet_stderr(): gm = fx.symbolic_trace(model)
-    except Exception as e:
-        where = _where(e, model); msg = _first_line(e)
-        where = f"; {'control flow in' if 'control flow' in msg else 'in'} {where}" if where else ''
-        raise SpecError(f"torch.fx cannot trace {type(model).__name__} ({msg}{where}). "
-                        "trace_spec needs a forward pass without Python control flow that depends on tensor values. "
-                        + _HAND) from e
-    guessed = x is None
-    if guessed: x = _example_input(gm, model)
+# %% ../nbs/04a_trace.ipynb #2affb68e
+def _propagate(gm: fx.GraphModule, model: nn.Module, x: Tensor|tuple, guessed: bool) -> None:
+    "Run the trace once on `x` (in eval mode, without gradients) to record every node's shape."
     args = x if isinstance(x, tuple) else (x,)
     was_training = model.training
     model.eval()  # the trace shares the model's modules: keep BatchNorm statistics as they are
@@ -715,14 +515,478 @@ def trace_spec(model: nn.Module, # the model whose transformable feature spaces 
                         f"{shapes[0] if len(shapes) == 1 else shapes} failed ({_first_line(e)}); "
                         "pass an example batch the model accepts as x=...") from e
     finally: model.train(was_training)
+
+# %% ../nbs/04a_trace.ipynb #1f1f4052
+def trace_spec(model: nn.Module, # the model whose transformable feature spaces to find
+               x: Tensor|tuple|None=None, # an example input batch (a tuple for several inputs); guessed if None
+              ) -> Spec:
+    "The `Spec` of `model`, derived by tracing its forward pass with torch.fx (check it with `verify_spec`)."
+    _need_module(model, 'trace_spec', 'to trace its forward pass', _NO_SD)
+    gm = _fx_trace(model)
+    guessed = x is None
+    _propagate(gm, model, _example_input(gm, model) if guessed else x, guessed)
     t = _Tracker(gm, set(model.state_dict().keys()), type(model).__name__)
-    t.run(); spec = t.spec()
+    t.run()
+    spec = t.spec()
     if t.blocked:
-        warnings.warn(f"trace_spec keeps {len(t.blocked)} feature space(s) of {type(model).__name__} fixed (unaligned) for lack of "
-                      "a rule: " + '; '.join(f"'{b}': {spec.fixed[b]}" for b in t.blocked) + ". The groups it found are safe "
-                      "to align; to align these spaces too, write the spec by hand (spec=Spec(...)) and check it with "
-                      "verify_spec. spec.fixed lists every space kept fixed.", SpecWarning, stacklevel=2)
+        warnings.warn(f"trace_spec keeps {len(t.blocked)} feature space(s) of {type(model).__name__} fixed (unaligned) "
+                      "for lack of a rule: " + '; '.join(f"'{b}': {spec.fixed[b]}" for b in t.blocked) + ". The groups "
+                      "it found are safe to align; to align these spaces too, write the spec by hand (spec=Spec(...)) "
+                      "and check it with verify_spec. spec.fixed lists every space kept fixed.",
+                      SpecWarning, stacklevel=2)
     return spec
+
+# %% ../nbs/04a_trace.ipynb #1f8708cd
+@rule(nn.Linear)
+def _linear(t: _Tracker, node, m, x, d):
+    "A new space for the output features (weight rows, bias); the input's features are the weight's columns."
+    q = node.target
+    out = t.new_space(q, m.out_features)
+    t.add_axis(out, Axis(f'{q}.weight', 0, 'out'))
+    t.add_axis(out, Axis(f'{q}.bias', 0, 'out'))
+    if isinstance(d, _Feat):
+        if d.dim != len(t.shape(x)) - 1:
+            t.unsupported(node, [d], f"reads the last dimension, but the features {{spaces}} are on dim {d.dim}")
+        else: t.add_piece_axes(d, f'{q}.weight', 1, 'in')
+    return _Feat(len(t.shape(node)) - 1, ((out, m.out_features, 1),))
+
+# %% ../nbs/04a_trace.ipynb #5518804b
+def _depthwise(t: _Tracker, node, m, d, cdim: int):
+    "Output channel c*mult+j reads only input channel c: the input's spaces go on, in blocks of `mult`."
+    if not isinstance(d, _Feat): return INV
+    q, mult = node.target, m.out_channels // m.in_channels
+    if isinstance(m, nn.modules.conv._ConvTransposeNd): t.add_piece_axes(d, f'{q}.weight', 0, 'out')
+    else: t.add_piece_axes(d, f'{q}.weight', 0, 'out', mult)
+    t.add_piece_axes(d, f'{q}.bias', 0, 'out', mult)
+    return _Feat(cdim, tuple((s, n, b * mult) for s, n, b in d.pieces))
+
+# %% ../nbs/04a_trace.ipynb #2e5b2e66
+@rule(nn.modules.conv._ConvNd)
+def _conv(t: _Tracker, node, m, x, d):
+    "A new space for the output channels; the input's channels are the weight's dim 1 (dim 0 when transposed)."
+    q, cdim = node.target, len(t.shape(x)) - (m.weight.ndim - 2) - 1
+    wout, win = (1, 0) if isinstance(m, nn.modules.conv._ConvTransposeNd) else (0, 1)
+    if isinstance(d, _Feat) and d.dim != cdim:  # (blocks are fine: feature c owns input channels c*b .. c*b+b-1)
+        t.unsupported(node, [d], f"reads channels on dim {cdim}, but the features {{spaces}} are on dim {d.dim}")
+        d = INV
+    if m.groups == 1:
+        out = t.new_space(q, m.out_channels)
+        t.add_axis(out, Axis(f'{q}.weight', wout, 'out'))
+        t.add_axis(out, Axis(f'{q}.bias', 0, 'out'))
+        if isinstance(d, _Feat): t.add_piece_axes(d, f'{q}.weight', win, 'in')
+        return _Feat(cdim, ((out, m.out_channels, 1),))
+    if m.groups == m.in_channels and m.out_channels % m.in_channels == 0: return _depthwise(t, node, m, d, cdim)
+    if isinstance(d, _Feat):
+        t.unsupported(node, [d], f"is a grouped convolution (groups={m.groups}), which only commutes with "
+                      "permutations within its channel groups (features {spaces})")
+    return INV
+
+# %% ../nbs/04a_trace.ipynb #25ce58bb
+@patch
+def elementwise(self: _Tracker, node: fx.Node, args: list):
+    "Pointwise ops with broadcasting: tracked operands must line up (their spaces are joined)."
+    outs = self.shape(node)
+    nd = len(outs)
+    feats, others = [], []
+    for a in args:
+        if not isinstance(a, fx.Node): continue
+        da, sa = self.env.get(a), self.shape(a)
+        if isinstance(da, _Feat): feats.append((a, da, nd - len(sa)))
+        elif sa is not None or isinstance(da, _Param): others.append((a, da))
+    if not feats: return INV
+    _, f0, off0 = feats[0]
+    dim = f0.dim + off0
+    for a, f, off in feats:
+        if f.dim + off != dim or f.layout() != f0.layout() or f.total != outs[dim]:
+            return self.unsupported(node, [f for _, f, _ in feats], "combines tracked values {spaces} whose features "
+                                    "do not line up (different dimensions or layouts)")
+    for _, f, _ in feats[1:]:
+        for s0, s in zip(f0.spaces(), f.spaces()): self.union(s0, s, node)
+    self._broadcast(node, others, f0, dim)
+    return f0.at(dim)
+
+# %% ../nbs/04a_trace.ipynb #a1232635
+@patch
+def _broadcast(self: _Tracker, node: fx.Node, others: list, f0: _Feat, dim: int) -> None:
+    "Untracked operands of an elementwise op: per-feature parameters are permuted with `f0`, other tensors pin it."
+    nd = len(self.shape(node))
+    for a, da in others:
+        sa = self.shape(a)
+        if sa is None: continue
+        k = dim - (nd - len(sa))
+        if k < 0 or sa[k] == 1: continue  # broadcast along the features: no interaction
+        if isinstance(da, _Param) and sa[k] == f0.total: self.add_piece_axes(f0, da.name, k, 'out')
+        else: self.fix_by(node, a, f0)  # a fixed per-feature tensor pins the features in place
+
+# %% ../nbs/04a_trace.ipynb #d0d2d25f
+_ELEMENTWISE_MODULES = _classes(
+    'ReLU', 'ReLU6', 'LeakyReLU', 'ELU', 'SELU', 'CELU', 'GELU', 'SiLU', 'Mish', 'Sigmoid', 'Tanh', 'Hardtanh',
+    'Hardswish', 'Hardsigmoid', 'Softplus', 'Softsign', 'Softshrink', 'Hardshrink', 'Tanhshrink', 'LogSigmoid',
+    'Threshold', 'RReLU', 'Dropout', 'Dropout1d', 'Dropout2d', 'Dropout3d', 'AlphaDropout', 'FeatureAlphaDropout',
+    'Identity', 'Softmax', 'LogSoftmax', 'Softmin')
+# functions / methods, by name (in-place variants map to the same name: 'relu_' -> 'relu', operator.iadd -> 'add')
+_POINTWISE = set("""add sub mul div truediv floordiv true_divide floor_divide rsub remainder fmod pow neg pos abs
+maximum minimum fmax fmin where masked_fill lerp addcmul addcdiv clamp clip clamp_min clamp_max eq ne gt lt ge le
+logical_and logical_or logical_not logical_xor relu relu6 gelu silu mish sigmoid tanh hardtanh hardswish hardsigmoid
+elu selu celu leaky_relu softplus softsign softshrink hardshrink tanhshrink logsigmoid threshold rrelu exp expm1 log
+log1p log2 sqrt rsqrt square sin cos erf erfc reciprocal sign floor ceil round trunc frac nan_to_num dropout dropout1d
+dropout2d dropout3d alpha_dropout feature_alpha_dropout softmax log_softmax softmin normalize contiguous clone detach
+zeros_like ones_like full_like empty_like rand_like randn_like requires_grad stochastic_depth""".split())
+
+# %% ../nbs/04a_trace.ipynb #50341f0e
+@rule(*_ELEMENTWISE_MODULES)
+def _pointwise_module(t: _Tracker, node, m, x, d): return t.elementwise(node, [x])
+
+@rule(*_POINTWISE, 'identity')
+def _pointwise(t: _Tracker, node, name, x, d): return t.elementwise(node, t.tensor_args(node))
+
+@rule('to', 'type', 'type_as', 'float', 'double', 'half', 'bfloat16', 'cpu', 'cuda')
+def _first_only(t: _Tracker, node, name, x, d):
+    return t.elementwise(node, [x]) if isinstance(x, fx.Node) else t.generic(node)
+
+# %% ../nbs/04a_trace.ipynb #fadd6e17
+@rule(nn.PReLU)
+def _prelu(t: _Tracker, node, m, x, d):
+    "One slope: elementwise; one slope per channel: an 'out' axis of the channels' space."
+    if m.num_parameters == 1: return t.elementwise(node, [x])
+    if not isinstance(d, _Feat): return t.generic(node)
+    if d.dim != (1 if len(t.shape(x)) > 1 else 0):
+        return t.unsupported(node, [d], f"has per-channel slopes on dim 1, but the features {{spaces}} "
+                             f"are on dim {d.dim}")
+    t.add_piece_axes(d, f'{node.target}.weight', 0, 'out')
+    return d
+
+# %% ../nbs/04a_trace.ipynb #b9ed1432
+_BATCHNORMS = _classes('BatchNorm1d', 'BatchNorm2d', 'BatchNorm3d', 'SyncBatchNorm')
+_INSTANCENORMS = _classes('InstanceNorm1d', 'InstanceNorm2d', 'InstanceNorm3d')
+
+@rule(*_BATCHNORMS, *_INSTANCENORMS, tracked=True)
+def _batchnorm(t: _Tracker, node, m, x, d):
+    "Per-channel statistics and affine parameters: permuted with the channels."
+    nd = len(t.shape(x))
+    cdim = 1 if isinstance(m, _BATCHNORMS) else nd - int(type(m).__name__[-2]) - 1
+    if d.dim != cdim:
+        return t.unsupported(node, [d], f"normalises channels on dim {cdim}, but the features {{spaces}} "
+                             f"are on dim {d.dim}")
+    for n in ('weight', 'bias', 'running_mean', 'running_var'): t.add_piece_axes(d, f'{node.target}.{n}', 0, 'out')
+    return d
+
+# %% ../nbs/04a_trace.ipynb #6ed0a77b
+_LAYERNORMS = _classes('LayerNorm', 'RMSNorm')
+
+@rule(*_LAYERNORMS, tracked=True)
+def _layernorm(t: _Tracker, node, m, x, d):
+    "Statistics over the last dims; the affine parameters are permuted with features that lie there."
+    nd, L = len(t.shape(x)), len(m.normalized_shape)
+    if d.dim >= nd - L:
+        for n in ('weight', 'bias'): t.add_piece_axes(d, f'{node.target}.{n}', d.dim - (nd - L), 'out')
+    return d
+
+# %% ../nbs/04a_trace.ipynb #92a19a41
+@rule(nn.GroupNorm, tracked=True)
+def _groupnorm(t: _Tracker, node, m, x, d):
+    "num_groups 1 or C: like a LayerNorm / InstanceNorm over the channels; otherwise the channels are held fixed."
+    if d.dim != 1:
+        return t.unsupported(node, [d], f"normalises channels on dim 1, but the features {{spaces}} are on dim {d.dim}")
+    if m.num_groups not in (1, m.num_channels):
+        return t.unsupported(node, [d], f"is GroupNorm with num_groups={m.num_groups} over {m.num_channels} channels "
+                             "(features {spaces}): only num_groups=1 or num_groups=num_channels commute with a "
+                             "permutation of the channels (other permutations move channels between normalisation "
+                             "groups)")
+    for n in ('weight', 'bias'): t.add_piece_axes(d, f'{node.target}.{n}', 0, 'out')
+    return d
+
+# %% ../nbs/04a_trace.ipynb #c264decb
+@patch
+def reshape(self: _Tracker, node, x, d: _Feat):
+    "A row-major reshape keeps the features if they stay the major part of one output dimension."
+    ins, outs = self.shape(x), self.shape(node)
+    pre, n = _prod(ins[:d.dim]), ins[d.dim]
+    cands = []
+    for j in range(len(outs)):
+        if _prod(outs[:j]) != pre or n == 0 or outs[j] % n: continue
+        P, acc, ok = outs[j] // n, 1, outs[j] // n == 1
+        for k in range(d.dim + 1, len(ins)):
+            if ok or acc > P: break
+            acc *= ins[k]
+            ok = acc == P
+        if ok: cands.append((j, P))
+    if cands:
+        j, P = next((c for c in cands if outs[c[0]] != 1), cands[0])
+        return _Feat(j, tuple((s, m, b * P) for s, m, b in d.pieces))
+    return self.unsupported(node, [d], f"reshapes {ins} -> {outs}, which splits the features {{spaces}} on dim "
+                            f"{d.dim} or makes them a minor part of a flattened dimension")
+
+# %% ../nbs/04a_trace.ipynb #1cb4c433
+@rule(nn.Flatten, nn.Unflatten, tracked=True)
+def _reshape_module(t: _Tracker, node, m, x, d): return t.reshape(node, x, d)
+
+@rule('flatten', 'view', 'reshape', 'squeeze', 'unsqueeze', 'unflatten', 'view_as', 'reshape_as', tracked=True)
+def _reshape(t: _Tracker, node, name, x, d): return t.reshape(node, x, d)
+
+# %% ../nbs/04a_trace.ipynb #6c75eb9c
+@patch
+def permute(self: _Tracker, node, name, d: _Feat):
+    "transpose / permute / movedim: follow the features to their new position."
+    nd = len(self.shape(node.args[0]))
+    probe = torch.empty(*[i + 2 for i in range(nd)], device='meta')
+    rest = node.args[1:]
+    if any(isinstance(a, fx.Node) for a in rest): return self.generic(node)
+    if name in ('T', 'mT', 'mH', 'H'): out = getattr(probe, name)
+    elif name == 't': out = probe.t()
+    elif name == 'permute':
+        out = probe.permute(*(rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest))
+    else: out = getattr(torch, name)(probe, *rest, **node.kwargs)
+    return d.at([s - 2 for s in out.shape].index(d.dim))
+
+@rule('transpose', 'swapaxes', 'swapdims', 'permute', 'movedim', 'moveaxis', 't', tracked=True)
+def _permute(t: _Tracker, node, name, x, d): return t.permute(node, name, d)
+
+# %% ../nbs/04a_trace.ipynb #9d0eeab7
+@rule('getattr')
+def _getattr(t: _Tracker, node, name, x, d):
+    "Attribute reads: `.T` & co., `.data`, `.real`, and `.values` / `.indices` of a (values, indices) pair."
+    if node.target is not getattr: return t.generic(node)  # another function that happens to be called getattr
+    attr = node.args[1]
+    if isinstance(d, tuple) and attr in ('values', 'indices'): return d[0 if attr == 'values' else 1]
+    if attr in ('T', 'mT', 'mH', 'H'): return t.permute(node, attr, d) if isinstance(d, _Feat) else INV
+    if attr in ('data', 'real'): return d
+    return t.generic(node)
+
+# %% ../nbs/04a_trace.ipynb #69846f8e
+@rule('cat', 'concat', 'concatenate')
+def _cat(t: _Tracker, node, name, x, d):
+    "Along the features: the operands' pieces side by side; along another dim: elementwise."
+    ts = t.arg(node, 0, 'tensors')
+    cd = t.arg(node, 1, 'dim', 0) % len(t.shape(node))
+    descs = [t.env.get(a) for a in ts]
+    if not any(isinstance(da, _Feat) for da in descs): return INV
+    if all(not isinstance(da, _Feat) or da.dim == cd for da in descs):
+        pieces = []
+        for a, da in zip(ts, descs):
+            if isinstance(da, _Feat): pieces.extend(da.pieces)
+            else:
+                held = isinstance(a, fx.Node) and t.held.get(a) is not None
+                s = t.new_space(None, t.shape(a)[cd], fixed=f"a fixed value ('{a}') concatenated in node '{node.name}'",
+                                blocked=held)
+                pieces.append((s, t.shape(a)[cd], 1))
+        return _Feat(cd, tuple(pieces))
+    if any(isinstance(da, _Feat) and da.dim == cd for da in descs):
+        return t.unsupported(node, descs, "concatenates tracked values {spaces} along different dimensions")
+    return t.elementwise(node, list(ts))  # along another dim: the features must line up
+
+# %% ../nbs/04a_trace.ipynb #b7589d77
+@rule('stack')
+def _stack(t: _Tracker, node, name, x, d):
+    "Operands along a new dimension: their features must line up, and are joined."
+    ts = t.arg(node, 0, 'tensors')
+    sd = t.arg(node, 1, 'dim', 0) % len(t.shape(node))
+    descs = [t.env.get(a) for a in ts]
+    feats = [da for da in descs if isinstance(da, _Feat)]
+    if not feats: return INV
+    dims = {f.dim + (f.dim >= sd) for f in feats}
+    if len(dims) != 1 or any(f.layout() != feats[0].layout() for f in feats):
+        return t.unsupported(node, descs, "stacks tracked values {spaces} whose features do not line up")
+    dim = dims.pop()
+    for f in feats[1:]:
+        for a, b in zip(feats[0].spaces(), f.spaces()): t.union(a, b, node)
+    for a, da in zip(ts, descs):
+        if not isinstance(da, _Feat) and t.shape(a)[dim - (dim > sd)] != 1: t.fix_by(node, a, feats[0])
+    return feats[0].at(dim)
+
+# %% ../nbs/04a_trace.ipynb #0178fe28
+def _expand_index(idx: tuple, nd: int) -> list:
+    "An index tuple with its `...` written out as slices."
+    used = sum(isinstance(it, (int, slice)) for it in idx)
+    full = []
+    for it in idx:
+        if it is Ellipsis: full.extend([slice(None)] * (nd - used))
+        else: full.append(it)
+    return full
+
+def _whole(it, n: int) -> bool:
+    "Whether index `it` takes all of a dimension of size `n`, in order."
+    return (isinstance(it, slice) and it.step in (None, 1) and it.start in (None, 0)
+            and (it.stop is None or it.stop >= n))
+
+# %% ../nbs/04a_trace.ipynb #f2004ff2
+@rule('getitem')
+def _getitem(t: _Tracker, node, name, x, d):
+    "One of several outputs, or basic indexing that keeps all of the features."
+    if isinstance(d, (tuple, list)): return d[node.args[1]]
+    if not isinstance(d, _Feat): return t.generic(node)
+    idx = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+    ins = t.shape(x)
+    if any(not (it is None or it is Ellipsis or isinstance(it, (int, slice))) for it in idx):
+        return t.unsupported(node, [d], "indexes the value holding features {spaces} with tensors")
+    i = o = 0
+    dim = None
+    for it in _expand_index(idx, len(ins)):
+        if it is None:
+            o += 1
+            continue
+        if i == d.dim:
+            if not _whole(it, ins[i]): return t.unsupported(node, [d], "selects some of the features {spaces}")
+            dim = o
+        if isinstance(it, slice): o += 1
+        i += 1
+    return d.at(o + d.dim - i if dim is None else dim)
+
+# %% ../nbs/04a_trace.ipynb #a0299513
+@rule('chunk', 'split', 'tensor_split', 'unbind', 'split_with_sizes', tracked=True)
+def _split(t: _Tracker, node, name, x, d):
+    "Along another dim: every part carries the features; along the features: only at the pieces' boundaries."
+    nd = len(t.shape(x))
+    sd = t.arg(node, 1 if name == 'unbind' else 2, 'dim', 0) % nd
+    metas = node.meta['tensor_meta']
+    if sd != d.dim: return tuple(d.at(d.dim - (name == 'unbind' and sd < d.dim)) for _ in metas)
+    if name == 'unbind': return t.unsupported(node, [d], "unbinds the features {spaces}")
+    out, pieces = [], list(d.pieces)
+    for m in metas:
+        want, take = int(m.shape[sd]), []
+        while want > 0 and pieces and pieces[0][1] * pieces[0][2] <= want:
+            take.append(pieces.pop(0))
+            want -= take[-1][1] * take[-1][2]
+        if want: return t.unsupported(node, [d], "splits the features {spaces} inside one feature space")
+        out.append(_Feat(sd, tuple(take)))
+    return tuple(out)
+
+# %% ../nbs/04a_trace.ipynb #12a06a62
+@rule('expand', 'expand_as', 'broadcast_to', 'repeat', 'tile', tracked=True)
+def _expand(t: _Tracker, node, name, x, d):
+    "Copies along other dimensions keep the features (on a possibly shifted dim)."
+    ins, outs = t.shape(x), t.shape(node)
+    k = d.dim + len(outs) - len(ins)
+    if outs[k] == ins[d.dim]: return d.at(k)
+    return t.unsupported(node, [d], "repeats the features {spaces} along their own dimension")
+
+# %% ../nbs/04a_trace.ipynb #01db131f
+_WITH_INDICES = {'max', 'min', 'median', 'argmax', 'argmin'}
+
+@rule('mean', 'nanmean', 'sum', 'nansum', 'amax', 'amin', 'std', 'var', 'logsumexp', 'prod', 'all', 'any', 'norm',
+      'count_nonzero', 'max', 'min', 'median', 'argmax', 'argmin', tracked=True)
+def _reduce(t: _Tracker, node, name, x, d):
+    "Over the features: invariant (unless it returns indices); over other dims: the features pass through."
+    if name in ('max', 'min') and isinstance(t.arg(node, 1, 'other'), fx.Node):
+        return t.elementwise(node, t.tensor_args(node))
+    dims = t.arg(node, 2 if name == 'norm' else 1, 'dim', None)
+    if dims is None: dims = t.arg(node, 1, 'axis', None) if name != 'norm' else None
+    nd = len(t.shape(x))
+    if dims is None: dims = tuple(range(nd))
+    dims = {int(k) % nd for k in (dims if isinstance(dims, (tuple, list)) else (dims,))}
+    if d.dim in dims:
+        if name in _WITH_INDICES and name not in ('max', 'min', 'median') or _multi(node.meta['tensor_meta']):
+            return t.unsupported(node, [d], "returns indices along the features {spaces}, which a permutation changes")
+        return INV  # a reduction over the features is invariant to their order
+    m = node.meta['tensor_meta']
+    outs = t.shape(node) if isinstance(m, TensorMetadata) else tuple(m[0].shape)
+    dim = d.dim if len(outs) == nd else d.dim - sum(k < d.dim for k in dims)
+    return t._like_output(node, d.at(dim))
+
+# %% ../nbs/04a_trace.ipynb #4afe5159
+@patch
+def spatial(self: _Tracker, node, d: _Feat, nd: int, k: int):
+    "Ops on the last `k` dimensions (pooling, padding, resizing) keep features that live before them."
+    if d.dim < nd - k: return self._like_output(node, d)
+    return self.unsupported(node, [d], f"acts on the last {k} dimension(s), which hold the features {{spaces}}")
+
+_SPATIAL_PREFIXES = ('MaxPool', 'AvgPool', 'AdaptiveAvgPool', 'AdaptiveMaxPool', 'LPPool', 'FractionalMaxPool',
+                     'ZeroPad', 'ConstantPad', 'ReflectionPad', 'ReplicationPad', 'CircularPad')
+_SPATIAL_MODULES = tuple(c for n, c in vars(nn).items()
+                         if isinstance(c, type) and n.startswith(_SPATIAL_PREFIXES) and n[-2:] in ('1d', '2d', '3d'))
+_UPSAMPLES = _classes('Upsample', 'UpsamplingNearest2d', 'UpsamplingBilinear2d')
+
+# %% ../nbs/04a_trace.ipynb #2dc7d464
+@rule(*_SPATIAL_MODULES, tracked=True)
+def _spatial_module(t: _Tracker, node, m, x, d):
+    "MaxPool2d & co.: the number of spatial dims is in the class name."
+    return t.spatial(node, d, len(t.shape(x)), int(type(m).__name__[-2]))
+
+@rule(*_UPSAMPLES, tracked=True)
+def _upsample_module(t: _Tracker, node, m, x, d): return t.spatial(node, d, len(t.shape(x)), len(t.shape(x)) - 2)
+
+# %% ../nbs/04a_trace.ipynb #8bea527b
+_SPATIAL_FNS = {f'{p}{k}d': k for p in ('max_pool', 'avg_pool', 'adaptive_avg_pool', 'adaptive_max_pool', 'lp_pool',
+                                        'fractional_max_pool') for k in (1, 2, 3)}
+_SPATIAL_FNS |= {f'{p}{k}d_with_indices': k for p in ('max_pool', 'adaptive_max_pool', 'fractional_max_pool')
+                 for k in (1, 2, 3)}
+
+@rule(*_SPATIAL_FNS, tracked=True)
+def _spatial_fn(t: _Tracker, node, name, x, d): return t.spatial(node, d, len(t.shape(x)), _SPATIAL_FNS[name])
+
+@rule('interpolate', 'upsample', 'upsample_nearest', 'upsample_bilinear', tracked=True)
+def _interpolate(t: _Tracker, node, name, x, d): return t.spatial(node, d, len(t.shape(x)), len(t.shape(x)) - 2)
+
+@rule('pad', tracked=True)
+def _pad(t: _Tracker, node, name, x, d):
+    "F.pad pads the last len(pad) // 2 dimensions."
+    return t.spatial(node, d, len(t.shape(x)), len(t.arg(node, 1, 'pad')) // 2)
+
+# %% ../nbs/04a_trace.ipynb #9f47ced8
+@rule(nn.Embedding)
+def _embedding(t: _Tracker, node, m, x, d):
+    "A new space for the embedding's features (its weight's dim 1)."
+    out = t.new_space(node.target, m.embedding_dim)
+    t.add_axis(out, Axis(f'{node.target}.weight', 1, 'out'))
+    if isinstance(d, _Feat): t.unsupported(node, [d], "embeds a tracked value {spaces}")
+    return _Feat(len(t.shape(node)) - 1, ((out, m.embedding_dim, 1),))
+
+# %% ../nbs/04a_trace.ipynb #0127d752
+@patch
+def _params(self: _Tracker, node, slots: dict[str, int]):
+    "The parameter arguments of a functional op, as {name: _Param}; None if one is computed rather than read."
+    out = {}
+    for n, i in slots.items():
+        a = self.arg(node, i, n)
+        if not isinstance(a, fx.Node): continue
+        da = self.env.get(a)
+        if not isinstance(da, _Param): return None
+        out[n] = da
+    return out
+
+# %% ../nbs/04a_trace.ipynb #8af9a49a
+@rule('linear')
+def _flinear(t: _Tracker, node, name, x, d):
+    "F.linear(x, self.weight, self.bias) on parameters read directly: like an nn.Linear named after the weight's owner."
+    ps = t._params(node, {'weight': 1, 'bias': 2})
+    if not ps or 'weight' not in ps: return t.generic(node, "is a linear map whose weight is computed")
+    w, n = ps['weight'].name, t.shape(node)[-1]
+    out = t.new_space(w[:-len('.weight')] if w.endswith('.weight') else w, n)
+    t.add_axis(out, Axis(w, 0, 'out'))
+    if 'bias' in ps: t.add_axis(out, Axis(ps['bias'].name, 0, 'out'))
+    if isinstance(d, _Feat):
+        if d.dim != len(t.shape(x)) - 1:
+            t.unsupported(node, [d], f"reads the last dimension, but the features {{spaces}} are on dim {d.dim}")
+        else: t.add_piece_axes(d, w, 1, 'in')
+    return _Feat(len(t.shape(node)) - 1, ((out, n, 1),))
+
+# %% ../nbs/04a_trace.ipynb #c8e0a730
+_NORM_SLOTS = {'layer_norm': {'weight': 2, 'bias': 3}, 'rms_norm': {'weight': 2},
+               'group_norm': {'weight': 2, 'bias': 3},
+               'batch_norm': {'running_mean': 1, 'running_var': 2, 'weight': 3, 'bias': 4},
+               'instance_norm': {'running_mean': 1, 'running_var': 2, 'weight': 3, 'bias': 4}}
+
+# %% ../nbs/04a_trace.ipynb #e2a542f4
+@rule(*_NORM_SLOTS, tracked=True)
+def _fnorm(t: _Tracker, node, name, x, d):
+    "Functional norms whose affine parameters / statistics are parameters or buffers read directly."
+    ps = t._params(node, _NORM_SLOTS[name])
+    if ps is None: return t.generic(node, "is a norm whose parameters are computed")
+    nd = len(t.shape(x))
+    if name in ('layer_norm', 'rms_norm'):
+        ns = t.arg(node, 1, 'normalized_shape')
+        L = len(ns) if isinstance(ns, (tuple, list)) else 1
+        if d.dim >= nd - L:
+            for p in ps.values(): t.add_piece_axes(d, p.name, d.dim - (nd - L), 'out')
+        return d
+    if d.dim != 1:
+        return t.unsupported(node, [d], f"normalises channels on dim 1, but the features {{spaces}} are on dim {d.dim}")
+    G, C = t.arg(node, 1, 'num_groups'), t.shape(x)[1]
+    if name == 'group_norm' and G not in (1, C):
+        return t.unsupported(node, [d], f"is group_norm with num_groups={G} over {C} channels (features {{spaces}}): "
+                             "only num_groups=1 or num_groups=num_channels commute with a permutation of the channels")
+    for p in ps.values(): t.add_piece_axes(d, p.name, 0, 'out')
+    return d
 
 # %% ../nbs/04a_trace.ipynb #488462ac
 def spec_for(model: nn.Module, # a model

@@ -11,10 +11,11 @@ from modelfusion.data import load_dataset
 from modelfusion.models import MLP
 from modelfusion.spec import mlp_spec, apply, random_alignment
 from modelfusion.trace import spec_for
-from modelfusion.matching import weight_matching
+from modelfusion.methods.weight_matching import weight_matching
 from modelfusion.evaluation import evaluate, interpolation_curve
 from modelfusion.training import train, model_config, TrainConfig, save_checkpoint, load_checkpoint
-from modelfusion.pipeline import ModelPool, Method, compose, load_config, method_schema, ConfigError
+from modelfusion.fusion import Pool, Method, method_schema
+from modelfusion.pipeline import load_modelpool, compose, load_config, ConfigError
 from modelfusion.experiments import run_alignment
 import modelfusion.experiments as experiments
 from modelfusion.cli import main
@@ -61,7 +62,7 @@ def test_fusionbench_python_example():
     models = {"model_1": nn.Sequential(nn.Linear(10, 5), nn.ReLU(), nn.Linear(5, 1)),
               "model_2": nn.Sequential(nn.Linear(10, 5), nn.ReLU(), nn.Linear(5, 1)),
               "model_3": nn.Sequential(nn.Linear(10, 5), nn.ReLU(), nn.Linear(5, 1))}
-    modelpool = ModelPool(models)
+    modelpool = Pool(models)
     recombined_pool = Method('model_recombination', return_modelpool=True).run(modelpool)
     assert len(modelpool) == len(recombined_pool) == 3
     for n in recombined_pool.names:  # every layer of every recombined model is one of the sources' layers
@@ -171,7 +172,7 @@ def _fuse_err(*items, **kw):
 def test_wrong_type_overrides_are_one_line(tmp_path):
     assert 'method.lam must be a number' in _fuse_err('method=task_arithmetic', 'modelpool=digits_mlp_tasks', 'taskpool=digits_tasks', 'method.lam=abc')
     assert 'method.max_sweeps must be an integer' in _fuse_err('method=weight_matching', 'modelpool=digits_mlp_seeds', 'taskpool=digits', 'method.max_sweeps=abc')
-    assert "one of 'none', 'reset_bn', 'repair'" in _fuse_err('method=weight_matching', 'modelpool=digits_mlp_seeds', 'taskpool=digits', 'method.fix=repiar')
+    assert "one of 'none', 'repair', 'reset_bn'" in _fuse_err('method=weight_matching', 'modelpool=digits_mlp_seeds', 'taskpool=digits', 'method.fix=repiar')
 
 
 def test_malformed_yaml_names_line_and_column(tmp_path):
@@ -214,17 +215,17 @@ def test_reports_and_metrics_are_strict_json(tmp_path):
 def test_pools_announce_training_time_on_first_use(tmp_path, capsys):
     cfg = {'name': 'fresh', 'model': {'name': 'mlp', 'widths': [16]}, 'data': {'dataset': 'digits'}, 'train': {'epochs': 1},
            'models': [{'seed': 0}, {'seed': 1}]}
-    ModelPool.from_config(cfg, device='cpu', cache=tmp_path)
+    load_modelpool(cfg, device='cpu', cache=tmp_path)
     err = capsys.readouterr().err
     assert "model pool 'fresh': training 2 model(s) not in the cache yet, about" in err
-    ModelPool.from_config(cfg, device='cpu', cache=tmp_path)
+    load_modelpool(cfg, device='cpu', cache=tmp_path)
     assert 'training' not in capsys.readouterr().err  # from the cache: nothing to announce
 
 
 def test_show_documents_every_parameter_with_its_choices(capsys):
     assert main(['show', 'method', 'weight_matching']) == 0
     out = capsys.readouterr().out
-    assert "one of 'none', 'reset_bn', 'repair'" in out and 'reference model' in out and 'BatchNorm reset' in out
+    assert "one of 'none', 'repair', 'reset_bn'" in out and 'reference model' in out and 'BatchNorm reset' in out
     schema = method_schema('weight_matching')
     assert all(p.doc for p in schema.values()), [k for k, p in schema.items() if not p.doc]
     assert main(['show', 'method', 'model_recombination']) == 0
@@ -234,7 +235,7 @@ def test_show_documents_every_parameter_with_its_choices(capsys):
 
 def test_the_package_describes_only_what_exists():
     import configparser
-    from modelfusion.matching import MATCHERS
+    from modelfusion.fusion import MATCHERS
     cfg = configparser.ConfigParser(); cfg.read(ROOT/'settings.ini')
     desc = cfg['DEFAULT']['description']
     for name, key in (('ZipIt', 'zipit'), ('CCA', 'cca'), ('OT Fusion', 'ot'), ('C2M3', 'c2m3')):

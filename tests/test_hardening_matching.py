@@ -5,9 +5,10 @@ from modelfusion.core import UnknownName
 from modelfusion.models import MLP
 from modelfusion.spec import mlp_spec, apply, random_alignment
 from modelfusion.training import fit, model_config, TrainConfig
-from modelfusion import matching
-from modelfusion.matching import (MATCHERS, weight_matching, wm_objective, activation_stats, activation_matching,
-                                  ste_matching, sinkhorn_matching)
+from modelfusion.fusion import MATCHERS
+from modelfusion.methods.weight_matching import weight_matching, wm_objective
+from modelfusion.methods.activation import activation_stats, activation_matching, ste_matching, STE_PROFILES
+from modelfusion.methods.sinkhorn import sinkhorn_matching
 
 @pytest.fixture(scope='module')
 def pair(digits):
@@ -70,7 +71,7 @@ def _small():
 
 def test_ste_paper_profile_is_the_reference_recipe():
     m, spec, sd, planted, shuffled, x, y = _small()
-    assert matching.STE_PROFILES['paper'] == dict(optimizer='sgd', lr=1e-2, momentum=0.9, epochs=250, batch_size=1000)
+    assert STE_PROFILES['paper'] == dict(optimizer='sgd', lr=1e-2, momentum=0.9, epochs=250, batch_size=1000)
     r = ste_matching([sd, shuffled], spec, template=m, x=x, y=y, profile='paper', epochs=1)
     assert r.info['optimizer'] == {'name': 'SGD', 'lr': 1e-2, 'momentum': 0.9}
     assert r.info['settings'] == {'profile': 'paper', 'optimizer': 'sgd', 'lr': 1e-2, 'momentum': 0.9, 'epochs': 1, 'batch_size': 1000}

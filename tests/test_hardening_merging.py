@@ -6,11 +6,13 @@ from torch import nn
 import torch.nn.functional as F
 from modelfusion.core import IncompatibleModels
 from modelfusion.trace import spec_for
-from modelfusion.merging import (repair, reset_bn_stats, interpolate, weighted_average, align, align_and_merge,
-                                 recombine)
+from modelfusion.fusion import align, merge
+from modelfusion.methods.repair import repair, reset_bn_stats
+from modelfusion.methods.averaging import interpolate, weighted_average, simple_average
+from modelfusion.methods.fedmr import recombine
 from modelfusion.spec import random_alignment, apply
-from modelfusion.taskvec import (fisher_diag, fisher_merging, regmean_grams, regmean_merging, task_vectors,
-                                 task_arithmetic, ties_merging, dare, simple_average, check_base, from_delta)
+from modelfusion.methods.taskvec import task_vectors, task_arithmetic, ties_merging, dare, check_base, from_delta
+from modelfusion.methods.fisher_regmean import fisher_diag, fisher_merging, regmean_grams, regmean_merging
 
 # ---------------------------------------------------------------- REPAIR: the channel dim is the layer's
 
@@ -32,7 +34,7 @@ def _stats(model, sd, points, x, dim):
     return out
 
 def _repair_errors(model, spec, sa, sb, merged, x, points, dim, **kw):
-    fixed = repair(model, spec, sa, sb, merged, x, **kw)
+    fixed = repair(model, spec, [sa, sb], merged, x, **kw)
     A, B, M, R = (_stats(model, s, points, x, dim) for s in (sa, sb, merged, fixed))
     err = {}
     for p in points:
@@ -186,12 +188,13 @@ def test_merges_accept_modules_and_parameter_dicts():
     assert not any(v.requires_grad for v in out.values())
     spec = spec_for(a, torch.randn(2, 4)); al = random_alignment(spec, seed=0)
     _eq(align([a], spec, [al])[0], apply(sa, spec, al))
-    m1, _ = align_and_merge([a, pb], spec, 'weight', 'lerp', lam=0.5); m2, _ = align_and_merge([sa, sb], spec, 'weight', 'lerp', lam=0.5)
+    m1 = merge([a, pb], 'weight_matching', template=a, spec=spec).state_dict
+    m2 = merge([sa, sb], 'weight_matching', template=a, spec=spec).state_dict
     _eq(m1, m2)
     n1, s1 = recombine([a, pb], seed=0); n2, s2 = recombine([sa, sb], seed=0)
     assert s1 == s2; _eq(n1[0], n2[0])
     x = torch.randn(300, 4)
-    _eq(repair(a, spec, a, pb, interpolate([a, b]), x), repair(a, spec, sa, sb, interpolate([sa, sb]), x))
+    _eq(repair(a, spec, [a, pb], interpolate([a, b]), x), repair(a, spec, [sa, sb], interpolate([sa, sb]), x))
     bn = _mlp(2, bn=True)
     _eq(reset_bn_stats(bn, bn, x), reset_bn_stats(bn, bn.state_dict(), x))
     with pytest.raises(TypeError, match='must be an nn.Module or a state dict'): interpolate([a, 3])

@@ -4,9 +4,11 @@ import pytest, torch
 from conftest import run, BIN
 from modelfusion.core import clone_sd, IncompatibleModels, UnknownName
 from modelfusion.models import MLP, ResNet20
-from modelfusion.merging import recombine, layers_of
-from modelfusion.taskvec import task_arithmetic, ties_merging, dare, simple_average
-from modelfusion.pipeline import (METHODS, ModelPool, ConfigError, compose, fuse, list_configs, load_config,
+from modelfusion.fusion import METHODS, Pool, merge
+from modelfusion.methods.fedmr import recombine, layers_of
+from modelfusion.methods.taskvec import task_arithmetic, ties_merging, dare
+from modelfusion.methods.averaging import simple_average
+from modelfusion.pipeline import (load_modelpool, ConfigError, compose, fuse, list_configs, load_config,
                                   method_params)
 from modelfusion.cli import main
 
@@ -21,7 +23,7 @@ def cache(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def tasks_pool(cache):
-    return ModelPool.from_config(load_config('modelpool', 'digits_mlp_tasks'), device='cpu', cache=cache, verbose=False)
+    return load_modelpool(load_config('modelpool', 'digits_mlp_tasks'), device='cpu', cache=cache, verbose=False)
 
 
 # --- FedMR recombination -----------------------------------------------------------------------------------------
@@ -88,7 +90,7 @@ def test_dare_with_p_zero_is_its_base_method(tasks_pool):
 
 def test_pipeline_methods_do_not_modify_the_pool(tasks_pool):
     before = {n: clone_sd(sd) for n, sd in tasks_pool.models.items()}
-    for m in TASK_METHODS: METHODS(m, tasks_pool, **({'n_samples': 200} if 'n_samples' in method_params(m) else {}))
+    for m in TASK_METHODS: merge(tasks_pool, m, **({'n_samples': 200} if 'n_samples' in method_params(m) else {}))
     for n, sd in tasks_pool.models.items(): assert all(torch.equal(sd[k], before[n][k]) for k in sd)
 
 

@@ -2,7 +2,7 @@
 import pytest, torch
 from modelfusion.models import MLP
 from modelfusion.spec import mlp_spec, apply, random_alignment, Transform, verify_spec, Spec, Group
-from modelfusion.matching import weight_matching, wm_objective
+from modelfusion.methods.weight_matching import weight_matching, wm_objective
 from modelfusion.core import clone_sd
 
 CASES = [((32,), None, 0), ((64, 48, 32), None, 1), ((512, 512, 512), None, 2), ((40, 40), 'bn', 3), ((40, 40, 24), 'ln', 4)]
@@ -60,8 +60,9 @@ def test_nothing_mutates_its_inputs():
     spec = mlp_spec(a); sa, sb = a.state_dict(), b.state_dict(); ca, cb = clone_sd(sa), clone_sd(sb)
     res = weight_matching([sa, sb], spec)
     apply(sb, spec, res.alignments[1]); apply(sa, spec, random_alignment(spec))
-    from modelfusion.merging import align_and_merge, interpolate
-    align_and_merge([sa, sb], spec, lam=0.3, merge='lerp'); interpolate([sa, sb])
+    from modelfusion.fusion import merge
+    from modelfusion.methods.averaging import interpolate
+    merge([sa, sb], 'weight_matching', template=a, spec=spec, fix='reset_bn', data=(torch.randn(64, 784), torch.randint(0, 10, (64,)))); interpolate([sa, sb])
     assert all(torch.equal(sa[k], ca[k]) and torch.equal(sb[k], cb[k]) for k in sa)
 
 def test_general_linear_transform_is_exact_on_a_linear_network():

@@ -6,7 +6,8 @@ import torchvision
 from modelfusion.models import MLP, VGG, ResNet20
 from modelfusion.spec import SpecError, verify_spec, apply, random_alignment
 from modelfusion.trace import trace_spec, spec_for
-from modelfusion.matching import weight_matching, activation_matching, activation_stats
+from modelfusion.methods.weight_matching import weight_matching
+from modelfusion.methods.activation import activation_matching, activation_stats
 
 class CatNet(nn.Module):
     "Two conv branches concatenated along channels, then a BN and a conv that read the concatenation."
