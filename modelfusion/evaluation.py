@@ -22,7 +22,8 @@ class Bound(nn.Module):
     "A module template bound to a state dict through `torch.func.functional_call`; the template is not modified."
     def __init__(self, template: nn.Module, sd: StateDict):
         super().__init__()
-        sd = as_sd(sd, 'the state dict'); tsd = template.state_dict()
+        sd = as_sd(sd, 'the state dict')
+        tsd = template.state_dict()
         check_compatible([tsd, sd], ['the template', 'the state dict'])
         dev = next(iter(tsd.values())).device
         # weights of another float dtype (an fp16, bf16 or float64 checkpoint) run in the template's dtype
@@ -30,6 +31,7 @@ class Bound(nn.Module):
         self.sd = {k: v.to(dev, tsd[k].dtype) if is_float(v) and is_float(tsd[k]) else v.to(dev) for k, v in sd.items()}
     def forward(self, x): return torch.func.functional_call(self.template, self.sd, (x,), strict=True)
 
+# %% ../nbs/07_evaluation.ipynb #e861e1ab
 def evaluate(template: nn.Module, # a module of the right architecture, on the evaluation device
              sd: StateDict|nn.Module, # the weights to evaluate (a state dict or a module)
              x: Tensor, y: Tensor, # data on the template's device
@@ -43,6 +45,7 @@ def lambdas(n: int=25) -> list[float]:
     "The λ grid: `n` evenly spaced points from 0 to 1."
     return np.linspace(0, 1, n).tolist()
 
+# %% ../nbs/07_evaluation.ipynb #e81d69f6
 def interpolation_curve(template: nn.Module, # module template on the evaluation device
                         sd_a: StateDict, sd_b: StateDict, # the endpoints (B already aligned for a matched path)
                         data: Data, # evaluation data (on the template's device)
@@ -52,7 +55,8 @@ def interpolation_curve(template: nn.Module, # module template on the evaluation
                        ) -> pd.DataFrame:
     "Loss and accuracy along (1-λ)θ_A + λθ_B: one row per (λ, split)."
     lams = lambdas(lams) if isinstance(lams, int) else list(lams)
-    sd_a, sd_b = as_sds([sd_a, sd_b], ['model A', 'model B']); check_compatible([sd_a, sd_b], ['model A', 'model B'])
+    sd_a, sd_b = as_sds([sd_a, sd_b], ['model A', 'model B'])
+    check_compatible([sd_a, sd_b], ['model A', 'model B'])
     rows = []
     for lam in lams:
         sd = sd_lerp(sd_a, sd_b, lam)
@@ -62,6 +66,7 @@ def interpolation_curve(template: nn.Module, # module template on the evaluation
             rows.append({'lam': lam, 'split': s, **evaluate(template, sd, x, y)})
     return pd.DataFrame(rows)
 
+# %% ../nbs/07_evaluation.ipynb #553e2cf0
 def barrier(curve: pd.DataFrame, # an interpolation curve
             metric: str='loss', # 'loss' or 'acc'
             split: str='test', # which split
@@ -97,13 +102,17 @@ def plot_interpolation(curves: dict[str, pd.DataFrame], # label -> interpolation
                        title: str='', # figure title
                       ):
     "A figure with loss and accuracy against λ, one line per path and split."
-    import matplotlib; import matplotlib.pyplot as plt; import seaborn as sns
+    import matplotlib
+    import matplotlib.pyplot as plt
+    import seaborn as sns
     df = pd.concat([c.assign(path=k) for k, c in curves.items()], ignore_index=True)
     if splits: df = df[df.split.isin(splits)]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, metric, label in zip(axes, ['loss', 'acc'], ['loss', 'accuracy']):
         sns.lineplot(df, x='lam', y=metric, hue='path', style='split', marker='o', markersize=4, ax=ax)
-        ax.set_xlabel('λ'); ax.set_ylabel(label); ax.grid(alpha=.3)
+        ax.set_xlabel('λ')
+        ax.set_ylabel(label)
+        ax.grid(alpha=.3)
     axes[1].get_legend().remove()
     axes[0].legend(fontsize=8, loc='best', framealpha=0.7)
     if title: fig.suptitle(title)
@@ -114,7 +123,8 @@ def plot_interpolation(curves: dict[str, pd.DataFrame], # label -> interpolation
 def lambda_slider(template: nn.Module, sd_a: StateDict, sd_b: StateDict, data: Data, split: str='test'):
     "An ipywidgets slider over λ that prints the interpolated model's loss and accuracy."
     import ipywidgets as W
-    sd_a, sd_b = as_sds([sd_a, sd_b], ['model A', 'model B']); x, y = data.split(split)
+    sd_a, sd_b = as_sds([sd_a, sd_b], ['model A', 'model B'])
+    x, y = data.split(split)
     def show(lam=0.5):
         r = evaluate(template, sd_lerp(sd_a, sd_b, lam), x, y)
         print(f"λ={lam:.2f}  {split} loss {r['loss']:.4f}  accuracy {100*r['acc']:.2f}%")

@@ -30,8 +30,122 @@ def param(v, # a parameter value, possibly a list or dict passed as a string (pa
     if isinstance(v, str) and v.strip()[:1] in ('[', '{'):
         import yaml
         try: return yaml.safe_load(v)
-        except yaml.YAMLError as e: raise ValueError(f"cannot read the parameter value {v!r} as a YAML list or mapping: {str(e).splitlines()[0]}") from None
+        except yaml.YAMLError as e:
+            raise ValueError(f"cannot read the parameter value {v!r} as a YAML list or mapping: "
+                             f"{str(e).splitlines()[0]}") from None
     return v
+
+# %% ../nbs/08_experiments.ipynb #8d7a776b
+def _load_noting(dataset: str, root, allow_sample: bool, dev, say) -> Data:
+    "Load a data set, saying its warnings (e.g. that the embedded MNIST sample is used) as notes."
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        data = load_dataset(dataset, root=root, allow_sample=allow_sample, device=dev)
+    for w in caught: say(f"note: {w.message}")
+    return data
+
+def _data_info(data: Data) -> dict:
+    "What params.json records of the data: name, source, fingerprint and split sizes."
+    return {'name': data.name, 'source': data.source, 'fingerprint': data.fingerprint, 'n_train': len(data.x_train),
+            'n_test': len(data.x_test)}
+
+def _train_pair(mcfg: dict, data: Data, tcfg: TrainConfig, seeds, cache, dev, verbose, say) -> list:
+    "Models A and B, trained from their seeds through the cache, each announced with its test accuracy."
+    models = [train(mcfg, data, tcfg, seed=s, cache=cache, device=dev, verbose=verbose) for s in seeds]
+    for s, m in zip(seeds, models):
+        say(f"model seed {s}: {'from cache' if m.from_cache else 'trained'} "
+            f"({m.meta['metrics']['train_time_s']:.1f} s), test accuracy {100*m.meta['metrics']['test_acc']:.2f}%")
+    return models
+
+# %% ../nbs/08_experiments.ipynb #01bfecb3
+def _match(name: str, A: StateDict, B: StateDict, data: Data, template, spec, p: dict) -> tuple[dict, StateDict]:
+    "Align B onto A with one matcher: (what the matcher reported, with its wall time; B in A's space)."
+    t1 = time.time()  # the matcher's method aligns B onto A (and averages them): the alignment is in the report
+    kw = {'seed': p['seeds'][0]} if 'seed' in MATCHERS[name].params() else {}
+    r = merge([A, B], MATCHERS.method_of[name], data=data, template=template, spec=spec, n_samples=p['calib_samples'],
+              **{**kw, **p['matcher_kw'].get(name, {})})
+    info = {**r.report['steps'][0]['info'], 'wall_time_s': time.time() - t1}
+    return info, apply(B, spec, r.report['alignments']['model_1'])
+
+def _repair_curve(template, spec, A: StateDict, Bp: StateDict, data: Data, calib, n_lams: int,
+                  eval_samples) -> pd.DataFrame:
+    "The matched path A → Bp with every inner point REPAIRed: loss and accuracy per λ and split."
+    rows = []
+    for lam in lambdas(n_lams):
+        sd = sd_lerp(A, Bp, lam)
+        if 0 < lam < 1: sd = repair_fix(template, spec, [A, Bp], sd, calib, coefs=[1 - lam, lam])
+        for s in ('train', 'test'):
+            x, y = data.split(s)
+            if eval_samples: x, y = x[:eval_samples], y[:eval_samples]
+            rows.append({'lam': lam, 'split': s, **evaluate(template, sd, x, y)})
+    return pd.DataFrame(rows)
+
+# %% ../nbs/08_experiments.ipynb #04e83ce0
+def _alignment_curves(template, spec, A: StateDict, B: StateDict, data: Data, p: dict, say) -> tuple[dict, dict]:
+    "Path name -> interpolation curve, and per matcher what it reported."
+    curve = lambda Bp: interpolation_curve(template, A, Bp, data, p['n_lams'], max_samples=p['eval_samples'])
+    curves, matches = {'naive': curve(B)}, {}
+    calib = data.x_train[:p['calib_samples']]
+    for name in p['matchers']:
+        matches[name], Bp = _match(name, A, B, data, template, spec, p)
+        curves[f'{name} matching'] = curve(Bp)
+        say(f"{name} matching: {matches[name]['wall_time_s']:.2f} s")
+        if p['repair']:
+            curves[f'{name} + REPAIR'] = _repair_curve(template, spec, A, Bp, data, calib, p['repair_lams'],
+                                                       p['eval_samples'])
+    return curves, matches
+
+# %% ../nbs/08_experiments.ipynb #8a25ea29
+def _mid(c: pd.DataFrame) -> float:
+    "The λ of curve `c` closest to 0.5."
+    return c.loc[(c.lam - 0.5).abs().idxmin(), 'lam']
+
+def _table_row(name: str, c: pd.DataFrame, lam: float) -> dict:
+    "Curve `c` at `lam`: losses and accuracies, and the path's loss barriers when `lam` is inside the path."
+    r = c[c.lam == lam].set_index('split')
+    return {'model': name, 'train loss': r.loss['train'], 'test loss': r.loss['test'],
+            'train acc': r.acc['train'], 'test acc': r.acc['test'],
+            'test loss barrier': barrier(c, 'loss', 'test') if 0 < lam < 1 else None,
+            'train loss barrier': barrier(c, 'loss', 'train') if 0 < lam < 1 else None}
+
+def _alignment_table(curves: dict, seeds) -> pd.DataFrame:
+    "The endpoints (from the naive curve), then each path's midpoint."
+    rows = [_table_row(f'model A (seed {seeds[0]})', curves['naive'], 0.0),
+            _table_row(f'model B (seed {seeds[1]})', curves['naive'], 1.0)]
+    rows += [_table_row(k.replace(' matching', ' matched') + ' midpoint', c, _mid(c)) for k, c in curves.items()]
+    return pd.DataFrame(rows).set_index('model')
+
+# %% ../nbs/08_experiments.ipynb #98374b68
+def _alignment_metrics(table: pd.DataFrame, curves: dict, ens: dict, matches: dict, models: list, params: dict) -> dict:
+    "The run's metrics (all but its wall time)."
+    barriers = {p: {f'{s}_{m}_barrier': barrier(c, m, s) for s in ('train', 'test') for m in ('loss', 'acc')}
+                for p, c in curves.items()}
+    endpoint_acc = (table['test acc'].iloc[0] + table['test acc'].iloc[1]) / 2
+    mid_acc = {p: float(c[(c.lam == _mid(c)) & (c.split == 'test')].acc.iloc[0]) for p, c in curves.items()}
+    asked = ('model', 'data', 'train', 'seeds', 'matchers', 'matcher_kw', 'repair', 'calib_samples', 'eval_samples',
+             'device')
+    metrics = {'table': table.reset_index().to_dict('records'), 'barriers': barriers, 'ensemble_test': ens,
+               'endpoints_mean_test_acc': endpoint_acc, 'matches': matches, 'midpoint_test_acc': mid_acc,
+               'models': [m.meta['metrics'] for m in models],
+               # what these numbers were computed from, so that metrics.json stands on its own
+               'computed_from': {**{k: params[k] for k in asked}, 'model_keys': [m.meta.get('key') for m in models]}}
+    first = f"{params['matchers'][0]} matching" if params['matchers'] else None
+    if first:  # the number the demo and the acceptance test read: the first matcher's midpoint against the endpoints
+        metrics.update(matched_midpoint_test_acc=metrics['midpoint_test_acc'][first],
+                       matched_midpoint_gap_points=100 * (endpoint_acc - metrics['midpoint_test_acc'][first]))
+    return metrics
+
+# %% ../nbs/08_experiments.ipynb #60ea24b0
+def _write_alignment(tmp: Path, curves: dict, params: dict, metrics: dict, desc: str, t0: float) -> None:
+    "Write curves.csv, interpolation.png, params.json and metrics.json (adding the wall time since `t0` to `metrics`)."
+    pd.concat([c.assign(path=k) for k, c in curves.items()]).to_csv(tmp/'curves.csv', index=False)
+    fig = plot_interpolation(curves, title=desc.replace('{', '').replace('}', '').replace("'", ''))
+    fig.savefig(tmp/'interpolation.png', dpi=110, format='png')
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+    metrics['wall_time_s'] = time.time() - t0
+    write_json(tmp/'params.json', params)
+    write_json(tmp/'metrics.json', metrics)
 
 # %% ../nbs/08_experiments.ipynb #31384c68
 def run_alignment(model: str='mlp', # registered model name
@@ -54,87 +168,32 @@ def run_alignment(model: str='mlp', # registered model name
                   verbose: bool|None=None, # progress bars and messages
                  ) -> dict:
     "Train two models, align them with each matcher, compare naive / matched (/ REPAIRed) paths; write the run folder."
-    t0 = time.time(); out = Path(out)
+    t0 = time.time()
+    out = Path(out)
     model_kw, train_kw, seeds, matchers, matcher_kw = map(param, (model_kw, train_kw, seeds, matchers, matcher_kw))
     if len(seeds) != 2 or seeds[0] == seeds[1]: raise ValueError(f"need two different seeds, got {list(seeds)}")
     for m in matchers: MATCHERS[m]  # unknown names fail before any work
     say = print if verbose is not False else (lambda *a, **k: None)
     dev = get_device(device)
     with run_folder(out) as tmp:  # all or nothing: the folder appears (or replaces the last run's) only when finished
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter('always')
-            data = load_dataset(dataset, root=root, allow_sample=allow_sample, device=dev)
-        for w in caught: say(f"note: {w.message}")
+        data = _load_noting(dataset, root, allow_sample, dev, say)
         tcfg = TrainConfig(**(train_kw or {}))
         mcfg = model_config(model, data, **(model_kw or {}))
-        params = {'experiment': 'alignment', 'model': mcfg, 'dataset': dataset, 'data': {'name': data.name, 'source': data.source,
-                  'fingerprint': data.fingerprint, 'n_train': len(data.x_train), 'n_test': len(data.x_test)}, 'train': asdict(tcfg), 'seeds': list(seeds),
-                  'matchers': list(matchers), 'matcher_kw': matcher_kw or {}, 'repair': repair, 'n_lams': n_lams,
-                  'repair_lams': repair_lams, 'calib_samples': calib_samples, 'eval_samples': eval_samples,
-                  'device': str(dev), 'versions': versions()}
+        params = {'experiment': 'alignment', 'model': mcfg, 'dataset': dataset, 'data': _data_info(data),
+                  'train': asdict(tcfg), 'seeds': list(seeds), 'matchers': list(matchers),
+                  'matcher_kw': matcher_kw or {}, 'repair': repair, 'n_lams': n_lams, 'repair_lams': repair_lams,
+                  'calib_samples': calib_samples, 'eval_samples': eval_samples, 'device': str(dev),
+                  'versions': versions()}
         say(f"data: {data}")
-        models = [train(mcfg, data, tcfg, seed=s, cache=cache, device=dev, verbose=verbose) for s in seeds]
-        for s, m in zip(seeds, models):
-            say(f"model seed {s}: {'from cache' if m.from_cache else 'trained'} ({m.meta['metrics']['train_time_s']:.1f} s), "
-                f"test accuracy {100*m.meta['metrics']['test_acc']:.2f}%")
+        models = _train_pair(mcfg, data, tcfg, seeds, cache, dev, verbose, say)
         A, B = ({k: v.to(dev) for k, v in m.state_dict.items()} for m in models)
         template = build_model(mcfg).to(dev)
         spec = spec_for(template)
-        curves, matches = {'naive': interpolation_curve(template, A, B, data, n_lams, max_samples=eval_samples)}, {}
-        calib = data.x_train[:calib_samples]
-        for name in matchers:
-            t1 = time.time()  # the matcher's method aligns B onto A (and averages them): the alignment is in the report
-            kw = {'seed': seeds[0]} if 'seed' in MATCHERS[name].params() else {}
-            r = merge([A, B], MATCHERS.method_of[name], data=data, template=template, spec=spec, n_samples=calib_samples,
-                      **{**kw, **(matcher_kw or {}).get(name, {})})
-            info = {**r.report['steps'][0]['info'], 'wall_time_s': time.time() - t1}
-            matches[name] = info
-            Bp = apply(B, spec, r.report['alignments']['model_1'])
-            curves[f'{name} matching'] = interpolation_curve(template, A, Bp, data, n_lams, max_samples=eval_samples)
-            say(f"{name} matching: {info['wall_time_s']:.2f} s")
-            if repair:
-                rows = []
-                for lam in lambdas(repair_lams):
-                    sd = sd_lerp(A, Bp, lam)
-                    if 0 < lam < 1: sd = repair_fix(template, spec, [A, Bp], sd, calib, coefs=[1 - lam, lam])
-                    for s in ('train', 'test'):
-                        x, y = data.split(s)
-                        if eval_samples: x, y = x[:eval_samples], y[:eval_samples]
-                        rows.append({'lam': lam, 'split': s, **evaluate(template, sd, x, y)})
-                curves[f'{name} + REPAIR'] = pd.DataFrame(rows)
+        curves, matches = _alignment_curves(template, spec, A, B, data, params, say)
         ens = ensemble_eval(template, [A, B], *data.split('test'))
-        mid = lambda c: c.loc[(c.lam - 0.5).abs().idxmin(), 'lam']
-        rows = []
-        def row(name, c, lam):
-            r = c[c.lam == lam].set_index('split')
-            rows.append({'model': name, 'train loss': r.loss['train'], 'test loss': r.loss['test'],
-                         'train acc': r.acc['train'], 'test acc': r.acc['test'],
-                         'test loss barrier': barrier(c, 'loss', 'test') if 0 < lam < 1 else None,
-                         'train loss barrier': barrier(c, 'loss', 'train') if 0 < lam < 1 else None})
-        row(f'model A (seed {seeds[0]})', curves['naive'], 0.0); row(f'model B (seed {seeds[1]})', curves['naive'], 1.0)
-        for k, c in curves.items(): row(k.replace(' matching', ' matched') + ' midpoint', c, mid(c))
-        table = pd.DataFrame(rows).set_index('model')
-        barriers = {p: {f'{s}_{m}_barrier': barrier(c, m, s) for s in ('train', 'test') for m in ('loss', 'acc')} for p, c in curves.items()}
-        endpoint_acc = (table['test acc'].iloc[0] + table['test acc'].iloc[1]) / 2
-        metrics = {'table': table.reset_index().to_dict('records'), 'barriers': barriers, 'ensemble_test': ens,
-                   'endpoints_mean_test_acc': endpoint_acc, 'matches': matches,
-                   'midpoint_test_acc': {p: float(c[(c.lam == mid(c)) & (c.split == 'test')].acc.iloc[0]) for p, c in curves.items()},
-                   'models': [m.meta['metrics'] for m in models],
-                   # what these numbers were computed from, so that metrics.json stands on its own
-                   'computed_from': {**{k: params[k] for k in ('model', 'data', 'train', 'seeds', 'matchers', 'matcher_kw', 'repair',
-                                                              'calib_samples', 'eval_samples', 'device')},
-                                     'model_keys': [m.meta.get('key') for m in models]}}
-        first = f'{matchers[0]} matching' if matchers else None
-        if first:  # the number the demo and the acceptance test read: the first matcher's midpoint against the endpoints
-            metrics.update(matched_midpoint_test_acc=metrics['midpoint_test_acc'][first],
-                           matched_midpoint_gap_points=100 * (endpoint_acc - metrics['midpoint_test_acc'][first]))
-        pd.concat([c.assign(path=k) for k, c in curves.items()]).to_csv(tmp/'curves.csv', index=False)
-        desc = f"{model} {model_kw or ''} on {data.source}".replace('{', '').replace('}', '').replace("'", '')
-        fig = plot_interpolation(curves, title=desc)
-        fig.savefig(tmp/'interpolation.png', dpi=110, format='png')
-        import matplotlib.pyplot as plt; plt.close(fig)
-        metrics['wall_time_s'] = time.time() - t0
-        write_json(tmp/'params.json', params); write_json(tmp/'metrics.json', metrics)
+        table = _alignment_table(curves, seeds)
+        metrics = _alignment_metrics(table, curves, ens, matches, models, params)
+        _write_alignment(tmp, curves, params, metrics, f"{model} {model_kw or ''} on {data.source}", t0)
     return {'table': table, 'curves': curves, 'metrics': metrics, 'params': params, 'out': out, 'spec': spec}
 
 # %% ../nbs/08_experiments.ipynb #0609f988
@@ -157,8 +216,9 @@ def run_rebasin_mlp(dataset: str='mnist', # data set name (mnist, fashion_mnist,
                     matcher_kw: dict|None=None, # per matcher: extra parameters, e.g. {'ste': {'profile': 'paper'}}
                    ) -> dict:
     "Train two MLPs, weight-match them, compare naive and matched interpolation; write the run folder."
-    return run_alignment('mlp', {'widths': list(param(widths))}, dataset, {'epochs': epochs, 'lr': lr, 'batch_size': batch_size},
-                         seeds, matchers, matcher_kw, repair, n_lams, 5, 5000, eval_samples, out, root, allow_sample, device, cache, verbose)
+    train_kw = {'epochs': epochs, 'lr': lr, 'batch_size': batch_size}
+    return run_alignment('mlp', {'widths': list(param(widths))}, dataset, train_kw, seeds, matchers, matcher_kw, repair,
+                         n_lams, 5, 5000, eval_samples, out, root, allow_sample, device, cache, verbose)
 
 # %% ../nbs/08_experiments.ipynb #c5406805
 def format_table(table: pd.DataFrame) -> str:
@@ -170,6 +230,32 @@ def format_table(table: pd.DataFrame) -> str:
     return t.to_string()
 
 # %% ../nbs/08_experiments.ipynb #2a5dd4a5
+def _width_row(w: float, r: dict) -> dict:
+    "One width's row: the endpoints' mean test accuracy, the naive and matched loss barriers."
+    b = r['metrics']['barriers']
+    return {'width': w, 'endpoints test acc': r['metrics']['endpoints_mean_test_acc'],
+            'naive test loss barrier': b['naive']['test_loss_barrier'],
+            'matched test loss barrier': b['weight matching']['test_loss_barrier'],
+            'naive train loss barrier': b['naive']['train_loss_barrier'],
+            'matched train loss barrier': b['weight matching']['train_loss_barrier']}
+
+def _plot_barriers(table: pd.DataFrame, title: str, path: Path) -> None:
+    "The naive and matched test loss barriers against the width multiplier (log scale), saved to `path`."
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    for col, style in [('naive test loss barrier', 'o--'), ('matched test loss barrier', 'o-')]:
+        ax.plot(table.index, table[col], style, label=col.replace(' test loss barrier', ''))
+    ax.set_xscale('log', base=2)
+    ax.set_xlabel('width multiplier')
+    ax.set_ylabel('test loss barrier')
+    ax.legend()
+    ax.grid(alpha=.3)
+    ax.set_title(title.replace('{', '').replace('}', '').replace("'", ''), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+# %% ../nbs/08_experiments.ipynb #b4fca4f2
 def run_width_sweep(model: str='resnet20', # registered model name (with a `width` argument)
                     widths: list[float]=(1,), # width multipliers
                     model_kw: dict|None=None, # other model arguments, e.g. {'norm': 'ln'}
@@ -185,30 +271,26 @@ def run_width_sweep(model: str='resnet20', # registered model name (with a `widt
                     verbose: bool|None=False, # progress bars and messages
                    ) -> dict:
     "Weight-matching barriers at each width multiplier: a table, a plot, one run folder."
-    import matplotlib.pyplot as plt
-    out = Path(out); rows, t0 = [], time.time()
+    out = Path(out)
+    rows, t0 = [], time.time()
     widths, model_kw, train_kw, seeds = map(param, (widths, model_kw, train_kw, seeds))
     with run_folder(out) as tmp:
         for w in widths:
-            r = run_alignment(model, {**(model_kw or {}), 'width': w}, dataset, train_kw, seeds, ['weight'], n_lams=n_lams,
-                              eval_samples=eval_samples, out=tmp/f'width{w:g}', root=root, device=device, cache=cache, verbose=verbose)
-            b = r['metrics']['barriers']
-            rows.append({'width': w, 'endpoints test acc': r['metrics']['endpoints_mean_test_acc'],
-                         'naive test loss barrier': b['naive']['test_loss_barrier'], 'matched test loss barrier': b['weight matching']['test_loss_barrier'],
-                         'naive train loss barrier': b['naive']['train_loss_barrier'], 'matched train loss barrier': b['weight matching']['train_loss_barrier']})
+            r = run_alignment(model, {**(model_kw or {}), 'width': w}, dataset, train_kw, seeds, ['weight'],
+                              n_lams=n_lams, eval_samples=eval_samples, out=tmp/f'width{w:g}', root=root, device=device,
+                              cache=cache, verbose=verbose)
+            rows.append(_width_row(w, r))
         table = pd.DataFrame(rows).set_index('width')
-        params = {'experiment': 'width_sweep', 'model': model, 'widths': list(widths), 'model_kw': model_kw or {}, 'dataset': dataset,
-                  'train_kw': train_kw or {}, 'seeds': list(seeds), 'n_lams': n_lams, 'eval_samples': eval_samples, 'versions': versions()}
-        fig, ax = plt.subplots(figsize=(5, 3.4))
-        for col, style in [('naive test loss barrier', 'o--'), ('matched test loss barrier', 'o-')]:
-            ax.plot(table.index, table[col], style, label=col.replace(' test loss barrier', ''))
-        ax.set_xscale('log', base=2); ax.set_xlabel('width multiplier'); ax.set_ylabel('test loss barrier'); ax.legend(); ax.grid(alpha=.3)
-        ax.set_title(f"{model} {model_kw or ''} on {r['params']['data']['source']}".replace('{', '').replace('}', '').replace("'", ''), fontsize=9)
-        fig.tight_layout(); fig.savefig(tmp/'barrier_vs_width.png', dpi=110); plt.close(fig)
+        params = {'experiment': 'width_sweep', 'model': model, 'widths': list(widths), 'model_kw': model_kw or {},
+                  'dataset': dataset, 'train_kw': train_kw or {}, 'seeds': list(seeds), 'n_lams': n_lams,
+                  'eval_samples': eval_samples, 'versions': versions()}
+        title = f"{model} {model_kw or ''} on {r['params']['data']['source']}"
+        _plot_barriers(table, title, tmp/'barrier_vs_width.png')
         write_json(tmp/'params.json', params)
-        write_json(tmp/'metrics.json', {'table': table.reset_index().to_dict('records'), 'computed_from': {k: params[k] for k in
-                   ('model', 'widths', 'model_kw', 'dataset', 'train_kw', 'seeds', 'eval_samples')} | {'data': r['params']['data']},
-                   'wall_time_s': time.time() - t0})
+        asked = ('model', 'widths', 'model_kw', 'dataset', 'train_kw', 'seeds', 'eval_samples')
+        write_json(tmp/'metrics.json', {'table': table.reset_index().to_dict('records'),
+                                        'computed_from': {k: params[k] for k in asked} | {'data': r['params']['data']},
+                                        'wall_time_s': time.time() - t0})
     return {'table': table, 'out': out, 'params': params}
 
 # %% ../nbs/08_experiments.ipynb #1ba20b3a
@@ -216,6 +298,86 @@ from .pipeline import compose, fuse, task_data, load_modelpool, TaskPool, _train
 
 def _slug(s: str) -> str: return ''.join(c if c.isalnum() or c in '._-' else '_' for c in s).strip('_')[:80]
 
+# %% ../nbs/08_experiments.ipynb #6c6132d9
+def _run_methods(out: Path, cfgs: dict, root, cache, verbose, say) -> tuple[dict, dict, dict]:
+    "Run every method config with `fuse`: the reports, the table's rows (inputs first), the pool's info."
+    reports, rows = {}, {}
+    for i, (label, cfg) in enumerate(cfgs.items()):
+        cfg = {**cfg, 'evaluate_inputs': i == 0}
+        r = fuse(cfg, out=out/_slug(label), root=root, cache=cache, verbose=verbose)
+        reports[label] = r
+        if i == 0:
+            pool_info = r['pool']['info']
+            for n, res in r['inputs'].items(): rows['base' if n == 'base' else f'fine-tuned: {n}'] = res
+        rows[label] = r['results']['merged']
+        say(f"{label}: average accuracy {100 * r['results']['merged']['average']['acc']:.2f}%  "
+            f"({r['timings']['method_s']:.1f} s)")
+    return reports, rows, pool_info
+
+# %% ../nbs/08_experiments.ipynb #1f1179d0
+def _multitask_bound(first: dict, root, cache, verbose, say) -> dict:
+    "The task pool's metrics of the base fine-tuned on all of the pool's tasks at once."
+    pool_cfg = first['modelpool']
+    if not pool_cfg.get('base'):
+        raise ValueError("the multi-task bound needs a pool with a base model (or multitask=False)")
+    pool = load_modelpool(pool_cfg, root, first['device'], cache, verbose=False)
+    entries = pool_cfg['models']
+    mix = task_data({'mix': [e['task'] for e in entries]}, root, pool.device)
+    tcfg = _train_cfg(pool_cfg.get('train'), entries[0].get('train'))
+    t = train(pool.model_cfg, mix, tcfg, 0, cache=cache, device=pool.device, verbose=verbose, init=pool.base)
+    tp = TaskPool.from_config(first['taskpool'], root, pool.device)
+    res = tp.evaluate(pool.template, t.state_dict)
+    say(f"multi-task bound: average accuracy {100 * res['average']['acc']:.2f}% "
+        f"({'from cache' if t.from_cache else 'trained in %.0f s' % t.meta['metrics']['train_time_s']})")
+    return res
+
+# %% ../nbs/08_experiments.ipynb #a6a0a95e
+def _accuracy_table(rows: dict, tasks: list[str]) -> pd.DataFrame:
+    "Row name -> accuracy on each task and on average; with the individual row and `normalized` when they exist."
+    own = {t: rows[f'fine-tuned: {t}'][t]['acc'] for t in tasks if f'fine-tuned: {t}' in rows}
+    if len(own) == len(tasks):
+        individual = {**{t: {'acc': own[t]} for t in tasks}, 'average': {'acc': sum(own.values()) / len(own)}}
+        rows = {**rows, 'individual (each on its own task)': individual}
+    table = pd.DataFrame({n: {**{t: r[t]['acc'] for t in tasks}, 'average': r['average']['acc']}
+                          for n, r in rows.items()}).T
+    if len(own) == len(tasks): table['normalized'] = table[tasks].div(pd.Series(own)).mean(1)
+    table.index.name = 'model'
+    return table
+
+def _plot_accuracy(table: pd.DataFrame, title: str, path: Path) -> None:
+    "Each row's average accuracy as a horizontal bar, saved to `path`."
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(table) + 1))
+    table['average'].iloc[::-1].plot.barh(ax=ax, color='tab:blue')
+    ax.set_xlabel('average test accuracy over tasks')
+    ax.set_xlim(0, 1)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, format='png')
+    plt.close(fig)
+
+# %% ../nbs/08_experiments.ipynb #b45a4936
+def _task_merging(out, cfgs, overrides, multitask, root, cache, verbose, say, t0) -> dict:
+    "The body of `run_task_merging`, writing into the (temporary) run folder `out`."
+    first = next(iter(cfgs.values()))
+    write_json(out/'params.json', {'experiment': 'task_merging', 'modelpool': first['modelpool'],
+                                   'taskpool': first['taskpool'], 'methods': list(cfgs), 'overrides': list(overrides),
+                                   'multitask': multitask, 'versions': versions()})
+    reports, rows, pool_info = _run_methods(out, cfgs, root, cache, verbose, say)
+    tasks = [t for t in rows[next(iter(cfgs))] if t != 'average']
+    if multitask: rows['multi-task model (bound)'] = _multitask_bound(first, root, cache, verbose, say)
+    table = _accuracy_table(rows, tasks)
+    table.to_csv(out/'table.csv')
+    title = f"{first['modelpool'].get('name', '')} on {first['taskpool'].get('name', '')}"
+    _plot_accuracy(table, title, out/'accuracy.png')
+    metrics = {'table': table.reset_index().to_dict('records'), 'tasks': tasks, 'pool': pool_info,
+               'computed_from': {'modelpool': first['modelpool'], 'taskpool': first['taskpool'],
+                                 'methods': {k: c['method'] for k, c in cfgs.items()}, 'seed': first['seed']},
+               'timings': {k: r['timings'] for k, r in reports.items()}, 'wall_time_s': time.time() - t0}
+    write_json(out/'metrics.json', metrics)
+    return {'table': table, 'reports': reports, 'metrics': metrics, 'out': out}
+
+# %% ../nbs/08_experiments.ipynb #053eaf02
 def run_task_merging(modelpool: str|dict='mnist_mlp_tasks', # model pool config (name, path or dict) of models fine-tuned from a base
                      taskpool: str|dict='mnist_tasks', # task pool config
                      methods: list[str]=('simple_average', 'task_arithmetic', 'ties_merging', 'dare_task_arithmetic',
@@ -229,64 +391,20 @@ def run_task_merging(modelpool: str|dict='mnist_mlp_tasks', # model pool config 
                      config_dir=None, # extra config folders
                     ) -> dict:
     "Merge a pool of fine-tuned models with each method; table of per-task and average accuracy with bounds; write the run folder."
-    t0 = time.time(); out = Path(out); methods, overrides = param(methods), param(overrides)
+    t0 = time.time()
+    out = Path(out)
+    methods, overrides = param(methods), param(overrides)
     say = print if verbose is not False else (lambda *a, **k: None)
     runs = [m.split() for m in methods]
-    cfgs = {' '.join(r): compose(r[0], modelpool, taskpool, [*overrides, *r[1:]], config_dir) for r in runs}  # all checked first
+    cfgs = {' '.join(r): compose(r[0], modelpool, taskpool, [*overrides, *r[1:]], config_dir)
+            for r in runs}  # all checked first
     if not cfgs: raise ValueError("no methods given")
     with run_folder(out) as tmp:
         r = _task_merging(tmp, cfgs, overrides, multitask, root, cache, verbose, say, t0)
     for label, rep in r['reports'].items(): rep['out'] = str(out/_slug(label))
     return {**r, 'out': out}
 
-def _task_merging(out, cfgs, overrides, multitask, root, cache, verbose, say, t0) -> dict:
-    "The body of `run_task_merging`, writing into the (temporary) run folder `out`."
-    first = next(iter(cfgs.values()))
-    write_json(out/'params.json', {'experiment': 'task_merging', 'modelpool': first['modelpool'], 'taskpool': first['taskpool'],
-                                   'methods': list(cfgs), 'overrides': list(overrides), 'multitask': multitask, 'versions': versions()})
-    reports, rows = {}, {}
-    for i, (label, cfg) in enumerate(cfgs.items()):
-        cfg = {**cfg, 'evaluate_inputs': i == 0}
-        r = fuse(cfg, out=out/_slug(label), root=root, cache=cache, verbose=verbose); reports[label] = r
-        if i == 0:
-            pool_info = r['pool']['info']
-            for n, res in r['inputs'].items(): rows['base' if n == 'base' else f'fine-tuned: {n}'] = res
-        rows[label] = r['results']['merged']
-        say(f"{label}: average accuracy {100 * r['results']['merged']['average']['acc']:.2f}%  ({r['timings']['method_s']:.1f} s)")
-    tasks = [t for t in rows[next(iter(cfgs))] if t != 'average']
-    pool_cfg = first['modelpool']
-    if multitask:
-        if not pool_cfg.get('base'): raise ValueError("the multi-task bound needs a pool with a base model (or multitask=False)")
-        pool = load_modelpool(pool_cfg, root, first['device'], cache, verbose=False)
-        entries = pool_cfg['models']
-        mix = task_data({'mix': [e['task'] for e in entries]}, root, pool.device)
-        tcfg = _train_cfg(pool_cfg.get('train'), entries[0].get('train'))
-        t = train(pool.model_cfg, mix, tcfg, 0, cache=cache, device=pool.device, verbose=verbose, init=pool.base)
-        tp = TaskPool.from_config(first['taskpool'], root, pool.device)
-        rows['multi-task model (bound)'] = tp.evaluate(pool.template, t.state_dict)
-        say(f"multi-task bound: average accuracy {100 * rows['multi-task model (bound)']['average']['acc']:.2f}% "
-            f"({'from cache' if t.from_cache else 'trained in %.0f s' % t.meta['metrics']['train_time_s']})")
-    own = {t: rows[f'fine-tuned: {t}'][t]['acc'] for t in tasks if f'fine-tuned: {t}' in rows}
-    if len(own) == len(tasks):
-        rows['individual (each on its own task)'] = {**{t: {'acc': own[t]} for t in tasks}, 'average': {'acc': sum(own.values()) / len(own)}}
-    table = pd.DataFrame({n: {**{t: r[t]['acc'] for t in tasks}, 'average': r['average']['acc']} for n, r in rows.items()}).T
-    if len(own) == len(tasks): table['normalized'] = table[tasks].div(pd.Series(own)).mean(1)
-    table.index.name = 'model'
-    table.to_csv(out/'table.csv')
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 0.35 * len(table) + 1))
-    table['average'].iloc[::-1].plot.barh(ax=ax, color='tab:blue')
-    ax.set_xlabel('average test accuracy over tasks'); ax.set_xlim(0, 1); ax.set_title(f"{first['modelpool'].get('name', '')} on {first['taskpool'].get('name', '')}")
-    fig.tight_layout()
-    fig.savefig(out/'accuracy.png', dpi=110, format='png')
-    plt.close(fig)
-    metrics = {'table': table.reset_index().to_dict('records'), 'tasks': tasks, 'pool': pool_info,
-               'computed_from': {'modelpool': first['modelpool'], 'taskpool': first['taskpool'], 'methods': {k: c['method'] for k, c in cfgs.items()},
-                                 'seed': first['seed']},
-               'timings': {k: r['timings'] for k, r in reports.items()}, 'wall_time_s': time.time() - t0}
-    write_json(out/'metrics.json', metrics)
-    return {'table': table, 'reports': reports, 'metrics': metrics, 'out': out}
-
+# %% ../nbs/08_experiments.ipynb #32577c92
 def format_accuracy_table(table: pd.DataFrame) -> str:
     "Accuracies in percent (normalized as a percentage of the individual models)."
     return table.map(lambda v: '' if pd.isna(v) else f"{100 * v:.2f}").to_string()

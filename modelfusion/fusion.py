@@ -24,7 +24,8 @@ __all__ = ['PLUGINS_ENV', 'MATCHERS', 'METHODS', 'FIXES', 'SELECTORS', 'INJECTED
            'Merged', 'merge', 'Method']
 
 # %% ../nbs/05_fusion.ipynb #622cf18b
-PLUGINS_ENV = 'MODELFUSION_PLUGINS'  # extra modules that register methods: dotted names or .py files, os.pathsep-separated
+# extra modules that register methods: dotted names or .py files, os.pathsep-separated
+PLUGINS_ENV = 'MODELFUSION_PLUGINS'
 _discovered = False
 
 def load_plugin(name: str, # a dotted module name, or the path of a .py file
@@ -34,11 +35,13 @@ def load_plugin(name: str, # a dotted module name, or the path of a .py file
         if not name.endswith('.py'): return importlib.import_module(name)
         p = Path(name).expanduser()
         spec = importlib.util.spec_from_file_location(f'modelfusion_plugin_{p.stem}', p)
-        mod = importlib.util.module_from_spec(spec); sys.modules[spec.name] = mod
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod
         spec.loader.exec_module(mod)
         return mod
     except Exception as e:
-        raise ModelFusionError(f"cannot load the method plugin '{name}' (from ${PLUGINS_ENV}): {type(e).__name__}: {e}") from e
+        raise ModelFusionError(f"cannot load the method plugin '{name}' (from ${PLUGINS_ENV}): "
+                               f"{type(e).__name__}: {e}") from e
 
 # %% ../nbs/05_fusion.ipynb #e44e4100
 def discover_methods() -> None:
@@ -51,7 +54,7 @@ def discover_methods() -> None:
         importlib.import_module(f'{pkg.__name__}.{m.name}')
     for p in filter(None, os.environ.get(PLUGINS_ENV, '').split(os.pathsep)): load_plugin(p)
 
-# %% ../nbs/05_fusion.ipynb #d63e8dac
+# %% ../nbs/05_fusion.ipynb #de41081b
 @dataclass
 class MatchResult:
     "What a matcher returns: one alignment per model (into a common space) and diagnostics."
@@ -60,7 +63,9 @@ class MatchResult:
 
 class MatcherRegistry(Registry):
     "`MATCHERS`: registering a matcher also registers the method that aligns N models with it (named `method`)."
-    def __init__(self, *args, **kw): super().__init__(*args, **kw); self.method_of = {}
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.method_of = {}
     def register(self, name: str, paper: str='', summary: str='', method: str|None=None, **kw):
         deco = Registry.register(self, name, paper, summary, **kw)
         def wrap(fn):
@@ -70,6 +75,7 @@ class MatcherRegistry(Registry):
             return fn
         return wrap
 
+# %% ../nbs/05_fusion.ipynb #db02528b
 def two_models(models, # [model A, model B]: modules, state dicts or dicts of parameters
                what: str, # the matcher's name, for the error message
                hint: str='', # appended to the count error
@@ -81,6 +87,7 @@ def two_models(models, # [model A, model B]: modules, state dicts or dicts of pa
     check_compatible(sds, ['model A', 'model B'])
     return sds
 
+# %% ../nbs/05_fusion.ipynb #d63e8dac
 MATCHERS = MatcherRegistry('matcher', discover_methods)  # return alignments (a MatchResult)
 METHODS = Registry('method', discover_methods)  # return a merged model (a state dict) or several (a list)
 FIXES = Registry('fix', discover_methods)  # return a corrected model (a state dict)
@@ -114,14 +121,17 @@ def _template_of(models: dict) -> nn.Module:
     if any(v.dtype in (torch.float16, torch.bfloat16) for v in t.state_dict().values()): t.float()
     return t
 
+# %% ../nbs/05_fusion.ipynb #4c3330a6
 @patch
 def _check_and_cast(self: Pool):
     "Check that all models fit the template; cast other float dtypes to the template's."
-    everyone = [*self.models.values(), *([self.base] if self.base is not None else [])]
-    names = ['the template', *(f"model '{n}'" for n in self.models)] + (['the base model'] if self.base is not None else [])
+    has_base = self.base is not None
+    everyone = [*self.models.values(), *([self.base] if has_base else [])]
+    names = ['the template', *(f"model '{n}'" for n in self.models)] + (['the base model'] if has_base else [])
     tsd = self.template.state_dict()
     check_compatible([tsd, *everyone], names)
-    self.input_dtypes = sorted({str(v.dtype).removeprefix('torch.') for sd in everyone for v in sd.values() if is_float(v)})
+    dtypes = {str(v.dtype).removeprefix('torch.') for sd in everyone for v in sd.values() if is_float(v)}
+    self.input_dtypes = sorted(dtypes)
     def cast(sd): return {k: v.to(tsd[k].dtype) if is_float(v) and is_float(tsd[k]) else v for k, v in sd.items()}
     self.models = {n: cast(sd) for n, sd in self.models.items()}
     if self.base is not None: self.base = cast(self.base)
@@ -160,6 +170,7 @@ def data(self: Pool, model: str|int, # a model's name or index
                          "in the model pool config (or the pool a `data` task), or pass data= to merge()")
     return self.tasks[name]
 
+# %% ../nbs/05_fusion.ipynb #70247122
 @patch
 def spec(self: Pool) -> Spec:
     "The architecture's spec (traced once, on an input of a model's task when there is one)."
@@ -169,7 +180,8 @@ def spec(self: Pool) -> Spec:
     return self._spec
 
 # %% ../nbs/05_fusion.ipynb #62004c4f
-INJECTED = ('sds', 'names', 'base', 'template', 'spec', 'tasks', 'x', 'y', 'device', 'pool', 'record', 'merged', 'sd', 'coefs')
+INJECTED = ('sds', 'names', 'base', 'template', 'spec', 'tasks', 'x', 'y', 'device', 'pool', 'record', 'merged', 'sd',
+            'coefs')
 
 class Lazy:
     "A value computed on first use."
@@ -194,11 +206,13 @@ def inject(fn: Callable, # a registered function
     kw = {k: v for k, v in params.items() if var_kw or k in ps}
     if len(kw) < len(params):
         bad = next(k for k in params if k not in kw)
-        raise BadParameter(f"{what} has no parameter '{bad}'; its parameters: {', '.join(k for k in ps if k not in INJECTED)}")
+        own = ', '.join(k for k in ps if k not in INJECTED)
+        raise BadParameter(f"{what} has no parameter '{bad}'; its parameters: {own}")
     for n, p in ps.items():
         if n in kw or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL): continue
         if n in provided: kw[n] = provided[n].get() if isinstance(provided[n], Lazy) else provided[n]
-        elif p.default is p.empty: raise BadParameter(f"{what} needs '{n}', which is neither given nor provided by the caller")
+        elif p.default is p.empty:
+            raise BadParameter(f"{what} needs '{n}', which is neither given nor provided by the caller")
     return kw
 
 # %% ../nbs/05_fusion.ipynb #2d8f9e68
@@ -237,13 +251,16 @@ def _type_ok(v, tp) -> bool:
     if o is dict or tp is dict: return isinstance(v, dict)
     return True
 
+# %% ../nbs/05_fusion.ipynb #38dcb54b
 def type_name(tp) -> str:
     "How a type reads in an error message or in `show`."
     o, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is None or tp is type(None): return 'null'
     if o in (typing.Union, types.UnionType): return ' or '.join(type_name(a) for a in args)
     if o is Literal: return 'one of ' + ', '.join(repr(a) for a in args)
-    if o in (list, tuple): return f"a list of {type_name(args[0]).removeprefix('a ').removeprefix('an ')}s" if args else 'a list'
+    if o in (list, tuple):
+        if not args: return 'a list'
+        return f"a list of {type_name(args[0]).removeprefix('a ').removeprefix('an ')}s"
     names = {bool: 'true or false', int: 'an integer', float: 'a number', str: 'a string', dict: 'a mapping'}
     return names.get(tp, getattr(tp, '__name__', str(tp)))
 
@@ -263,6 +280,7 @@ class Param:
             got = f" ({type(v).__name__})" if v is not None else ''
             raise BadParameter(f"{where or self.name} must be {type_name(self.type)}, got {v!r}{got}")
 
+# %% ../nbs/05_fusion.ipynb #d35def68
 def method_schema(name: str, # a registered name (or alias)
                   registry: Registry|None=None, # default METHODS
                  ) -> dict[str, Param]:
@@ -283,7 +301,8 @@ def check_params(name: str, # a registered method (or alias)
     ps = method_schema(name, reg)
     for k, v in params.items():
         if k not in ps:
-            raise BadParameter(f"unknown parameter '{k}' of {reg.kind} '{reg.resolve(name)}'; known: {', '.join(ps) or 'none'}")
+            raise BadParameter(f"unknown parameter '{k}' of {reg.kind} '{reg.resolve(name)}'; "
+                               f"known: {', '.join(ps) or 'none'}")
         ps[k].check(v, f"{where}{k}")
     missing = [k for k, p in ps.items() if p.required and k not in params]
     if missing: raise BadParameter(f"{reg.kind} '{reg.resolve(name)}' needs {', '.join(missing)}")
@@ -324,6 +343,32 @@ def run_fix(name: str, # a name in FIXES
     return out
 
 # %% ../nbs/05_fusion.ipynb #a0f9a12b
+def _ref_data(pool: Pool, matcher: str, needs: bool, ref: int, fix: str,
+              n_samples: int) -> tuple[Tensor|None, Tensor|None]:
+    "The first `n_samples` of model `ref`'s training data when the matcher `needs` data or a fix is applied; else None."
+    if not (needs or fix != 'none'): return None, None
+    d = pool.data(ref, f"{matcher} matching" if needs else f"fix='{fix}'")
+    return d.x_train[:n_samples], d.y_train[:n_samples]
+
+# %% ../nbs/05_fusion.ipynb #7d3eded5
+def _align_onto(m: Entry, matcher: str, pool: Pool, spec: Spec, record: dict, ref: int, provided: dict,
+                params: dict) -> tuple[list[StateDict], dict[str, Alignment]]:
+    "Every model of `pool` mapped onto model `ref` with the matcher `m`, and its alignment; each match is recorded."
+    A, aligned, alignments = pool.sds[ref], [], {}
+    for i, (name, sd) in enumerate(zip(pool.names, pool.sds)):
+        if i == ref:
+            aligned.append(A)
+            alignments[name] = {}
+            continue
+        t = time.time()
+        res = m.fn(**inject(m.fn, {**provided, 'sds': [A, sd]}, params, f"{matcher} matching"))
+        alignments[name] = res.alignments[1]
+        aligned.append(apply(sd, spec, res.alignments[1]))
+        record['steps'].append({'step': 'match', 'matcher': matcher, 'model': name, 'onto': pool.names[ref],
+                                'time_s': time.time() - t, 'info': _brief(res.info)})
+    return aligned, alignments
+
+# %% ../nbs/05_fusion.ipynb #0245ebca
 def _align_average(matcher: str, pool: Pool, spec: Spec, record: dict, ref: int=0, fix: str='none',
                    n_samples: int=5000, **params) -> StateDict:
     "Align every model onto model `ref` with `matcher`, average them, apply `fix` (the body of every matcher's method)."
@@ -333,20 +378,9 @@ def _align_average(matcher: str, pool: Pool, spec: Spec, record: dict, ref: int=
     if fix != 'none': FIXES[fix]  # an unknown fix fails before any work
     m = MATCHERS[matcher]
     needs = any(k in m.params() for k in ('x', 'template'))
-    x = y = None
-    if needs or fix != 'none':
-        d = pool.data(ref, f"{matcher} matching" if needs else f"fix='{fix}'")
-        x, y = d.x_train[:n_samples], d.y_train[:n_samples]
+    x, y = _ref_data(pool, matcher, needs, ref, fix, n_samples)
     provided = dict(spec=spec, template=pool.template, x=x, y=y, device=str(pool.device))
-    A, aligned, alignments = pool.sds[ref], [], {}
-    for i, (name, sd) in enumerate(zip(pool.names, pool.sds)):
-        if i == ref: aligned.append(A); alignments[name] = {}; continue
-        t = time.time()
-        res = m.fn(**inject(m.fn, {**provided, 'sds': [A, sd]}, params, f"{matcher} matching"))
-        alignments[name] = res.alignments[1]
-        aligned.append(apply(sd, spec, res.alignments[1]))
-        record['steps'].append({'step': 'match', 'matcher': matcher, 'model': name, 'onto': pool.names[ref],
-                                'time_s': time.time() - t, 'info': _brief(res.info)})
+    aligned, alignments = _align_onto(m, matcher, pool, spec, record, ref, provided, params)
     merged = sd_combine(aligned, [1.0 / N] * N)
     record['steps'].append({'step': 'average', 'models': N})
     record['alignments'] = alignments
@@ -357,22 +391,30 @@ def _align_average(matcher: str, pool: Pool, spec: Spec, record: dict, ref: int=
 _ALIGN_DOCS = {'ref': 'index of the reference model: every other model is aligned onto it',
                'n_samples': "training samples of the reference model's task for data-driven matchers and the fix"}
 
+def _align_signature(fn: Callable) -> inspect.Signature:
+    "pool, spec, record; then, keyword-only, ref, fix, n_samples and the matcher `fn`'s own parameters."
+    P = inspect.Parameter
+    own = [p.replace(kind=P.KEYWORD_ONLY) for n, p in inspect.signature(fn).parameters.items()
+           if n not in MATCHER_INPUTS]
+    mine = [P('ref', P.KEYWORD_ONLY, default=0, annotation='int'),
+            P('fix', P.KEYWORD_ONLY, default='none', annotation='str'),
+            P('n_samples', P.KEYWORD_ONLY, default=5000, annotation='int')]
+    return inspect.Signature([P(n, P.POSITIONAL_OR_KEYWORD) for n in ('pool', 'spec', 'record')] + mine + own)
+
+# %% ../nbs/05_fusion.ipynb #8c6de2ad
 def align_method(matcher: str, # a name in MATCHERS
                 ) -> Callable:
     "The method made from a matcher: align every model onto `ref`, average, fix; its parameters are ref, fix, n_samples and the matcher's own."
-    P = inspect.Parameter
     def method(pool, spec, record, **kw): return _align_average(matcher, pool, spec, record, **kw)
     fn = MATCHERS.entries[matcher].fn
-    own = [p.replace(kind=P.KEYWORD_ONLY) for n, p in inspect.signature(fn).parameters.items() if n not in MATCHER_INPUTS]
-    mine = [P('ref', P.KEYWORD_ONLY, default=0, annotation='int'), P('fix', P.KEYWORD_ONLY, default='none', annotation='str'),
-            P('n_samples', P.KEYWORD_ONLY, default=5000, annotation='int')]
-    method.__signature__ = inspect.Signature([P(n, P.POSITIONAL_OR_KEYWORD) for n in ('pool', 'spec', 'record')] + mine + own)
+    method.__signature__ = _align_signature(fn)
     summary = MATCHERS.entries[matcher].summary.rstrip('.')
     method.__doc__ = f"Align the models by {matcher} matching ({summary}), average them, then apply `fix`."
     method.__name__ = method.__qualname__ = f'align_by_{matcher}'
     method.__module__, method.__hint_ns__ = fn.__module__, vars(sys.modules[fn.__module__])
     fixes = lambda: ', '.join(f"'{n}' ({FIXES[n].summary.split(':')[0]})" for n in FIXES)
-    method.__param_docs__ = lambda: {**_docments(fn), **_ALIGN_DOCS, 'fix': f"applied to the merged model: 'none', or {fixes()}"}
+    fix_doc = lambda: f"applied to the merged model: 'none', or {fixes()}"
+    method.__param_docs__ = lambda: {**_docments(fn), **_ALIGN_DOCS, 'fix': fix_doc()}
     method.__param_types__ = lambda: {'fix': Literal[('none', *FIXES)]}
     return method
 
@@ -381,7 +423,8 @@ def canonical(method: str, # a registered name or alias
               params: dict, # parameters, possibly under another library's names
              ) -> tuple[str, dict]:
     "The registered name and our parameter names and units (another library's are translated by the method's `renames`)."
-    e = METHODS[method]; out = {}
+    e = METHODS[method]
+    out = {}
     for k, v in params.items():
         ours = e.renames.get(k, k)
         ours, conv = ours if isinstance(ours, tuple) else (ours, None)
@@ -399,23 +442,30 @@ class Merged:
     @property
     def state_dict(self) -> StateDict:
         "The merged model's state dict."
-        if len(self.state_dicts) != 1: raise ValueError(f"{self.report['method']} returned {len(self.state_dicts)} models: use .state_dicts or .models")
+        if len(self.state_dicts) != 1:
+            raise ValueError(f"{self.report['method']} returned {len(self.state_dicts)} models: "
+                             "use .state_dicts or .models")
         return self.state_dicts[0]
-    @property
-    def model(self) -> nn.Module:
-        "The merged model as a module (a copy of the template)."
-        self.state_dict  # (several outputs: an error that says so)
-        return self.models[0]
-    @property
-    def models(self) -> list[nn.Module]:
-        "Every output as a module."
-        out = []
-        for sd in self.state_dicts:
-            m = copy.deepcopy(self.template); m.load_state_dict(sd); out.append(m)
-        return out
     def __repr__(self):
         steps = ', '.join(s['step'] for s in self.report['steps'])
         return f"Merged({self.report['method']}: {len(self.state_dicts)} model(s); steps: {steps or 'one'})"
+
+# %% ../nbs/05_fusion.ipynb #3854367d
+@patch(as_prop=True)
+def models(self: Merged) -> list[nn.Module]:
+    "Every output as a module."
+    out = []
+    for sd in self.state_dicts:
+        m = copy.deepcopy(self.template)
+        m.load_state_dict(sd)
+        out.append(m)
+    return out
+
+@patch(as_prop=True)
+def model(self: Merged) -> nn.Module:
+    "The merged model as a module (a copy of the template)."
+    self.state_dict  # (several outputs: an error that says so)
+    return self.models[0]
 
 # %% ../nbs/05_fusion.ipynb #d8d4b3b5
 def _tasks(data, names: list[str]) -> dict[str, Data]:
@@ -432,9 +482,31 @@ def _tasks(data, names: list[str]) -> dict[str, Data]:
 def _provided(pool: Pool, spec, report: dict) -> dict:
     "What `merge` can fill in for a method."
     ref = Lazy(lambda: pool.data(0))
-    return dict(sds=pool.sds, names=pool.names, base=pool.base, template=pool.template, spec=spec, device=str(pool.device),
-                tasks=[pool.tasks.get(n) for n in pool.names], pool=pool, record=report,
+    return dict(sds=pool.sds, names=pool.names, base=pool.base, template=pool.template, spec=spec,
+                device=str(pool.device), tasks=[pool.tasks.get(n) for n in pool.names], pool=pool, record=report,
                 x=Lazy(lambda: ref.get().x_train), y=Lazy(lambda: ref.get().y_train))
+
+# %% ../nbs/05_fusion.ipynb #9afbf85d
+def _with_fix(name: str, params: dict, fix: str|None) -> tuple[dict, bool]:
+    "`params` checked, with `fix` added when method `name` takes its own; and whether it does."
+    own_fix = fix is not None and 'fix' in method_schema(name)
+    if own_fix: params = {**params, 'fix': fix}
+    check_params(name, params, '')
+    if fix not in (None, 'none') and not own_fix: FIXES[fix]
+    return params, own_fix
+
+def _outputs(name: str, out) -> list[StateDict]:
+    "A method's output as a list of state dicts, each checked to be finite."
+    outs = out if isinstance(out, list) else [out]
+    for i, sd in enumerate(outs): check_finite(sd, f"the output of {name}" + (f" (model {i})" if len(outs) > 1 else ''))
+    return outs
+
+def _fix_after(fix: str, name: str, pool: Pool, outs: list[StateDict], spec: Lazy, report: dict) -> list[StateDict]:
+    "The one merged model of `outs` with `fix` applied (on 5000 training samples of the first model's task)."
+    if len(outs) != 1: raise ValueError(f"fix='{fix}' needs one merged model, but {name} returned {len(outs)}")
+    d = pool.data(0, f"fix='{fix}'")
+    c = [1 / len(pool)] * len(pool)
+    return [run_fix(fix, pool, pool.sds, outs[0], c, d.x_train[:5000], d.y_train[:5000], spec, report)]
 
 # %% ../nbs/05_fusion.ipynb #4d86fe29
 def merge(models, # N ≥ 2 models: nn.Modules, state dicts (with `template`), a dict of them, or a Pool
@@ -452,20 +524,12 @@ def merge(models, # N ≥ 2 models: nn.Modules, state dicts (with `template`), a
     pool = models if isinstance(models, Pool) else Pool(models, template, base)
     if data is not None: pool.tasks = _tasks(data, pool.names)
     if len(pool) < 2: raise IncompatibleModels(f"merging needs at least 2 models, got {len(pool)}")
-    own_fix = fix is not None and 'fix' in method_schema(name)
-    if own_fix: params = {**params, 'fix': fix}
-    check_params(name, params, '')
-    if fix not in (None, 'none') and not own_fix: FIXES[fix]
+    params, own_fix = _with_fix(name, params, fix)
     report = {'method': name, 'params': dict(params), 'models': pool.names, 'steps': []}
     lspec = Lazy(lambda: spec if spec is not None else pool.spec())
     e = METHODS[name]
-    out = e.fn(**inject(e.fn, _provided(pool, lspec, report), params, f"method '{name}'"))
-    outs = out if isinstance(out, list) else [out]
-    for i, sd in enumerate(outs): check_finite(sd, f"the output of {name}" + (f" (model {i})" if len(outs) > 1 else ''))
-    if fix not in (None, 'none') and not own_fix:
-        if len(outs) != 1: raise ValueError(f"fix='{fix}' needs one merged model, but {name} returned {len(outs)}")
-        d = pool.data(0, f"fix='{fix}'")
-        outs = [run_fix(fix, pool, pool.sds, outs[0], [1 / len(pool)] * len(pool), d.x_train[:5000], d.y_train[:5000], lspec, report)]
+    outs = _outputs(name, e.fn(**inject(e.fn, _provided(pool, lspec, report), params, f"method '{name}'")))
+    if fix not in (None, 'none') and not own_fix: outs = _fix_after(fix, name, pool, outs, lspec, report)
     report['time_s'] = time.time() - t0
     return Merged(outs, pool.template, report)
 
@@ -484,5 +548,6 @@ class Method:
         pool = pool if isinstance(pool, Pool) else Pool(pool)
         r = merge(pool, self.name, **{**self.params, **canonical(self.name, params)[1]})
         if len(r.state_dicts) == 1: return r.model
-        return Pool({f'model_{i}': sd for i, sd in enumerate(r.state_dicts)}, pool.template, name=f"{pool.name or 'pool'}:{self.name}")
+        models = {f'model_{i}': sd for i, sd in enumerate(r.state_dicts)}
+        return Pool(models, pool.template, name=f"{pool.name or 'pool'}:{self.name}")
     def __repr__(self): return f"Method('{self.name}', " + ', '.join(f"{k}={v!r}" for k, v in self.params.items()) + ")"

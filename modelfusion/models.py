@@ -26,6 +26,7 @@ def make_norm(norm: str|None, # None, 'bn' or 'ln'
     raise UnknownName(f"unknown norm '{norm}'; known norms: none, bn, ln")
 
 def _w(c: int, width: float) -> int:
+    "`c` features scaled by the width multiplier `width`: rounded, and at least 1."
     if width <= 0: raise ValueError(f"width multiplier must be positive, got {width}")
     return max(1, int(round(c * width)))
 
@@ -55,6 +56,26 @@ class MLP(nn.Module):
 VGG_CFGS = {'vgg11': [64, 'M', 128, 'M', 256, 256, 'M', 512, 512, 'M', 512, 512, 'M'],
             'vgg16': [64, 64, 'M', 128, 128, 'M', 256, 256, 256, 'M', 512, 512, 512, 'M', 512, 512, 512, 'M']}
 
+# %% ../nbs/02_models.ipynb #f730e8a3
+def _vgg_layers(cfg: list, # a VGG_CFGS entry
+                c: int, # input channels
+                width: float, # channel multiplier
+                norm: str|None, # None, 'bn' or 'ln'
+               ) -> tuple[list[nn.Module], int]:
+    "The `features` layers of a VGG config, and the number of channels they output."
+    layers = []
+    for v in cfg:
+        if v == 'M':
+            layers.append(nn.MaxPool2d(2))
+            continue
+        v = _w(v, width)
+        layers.append(nn.Conv2d(c, v, 3, padding=1, bias=norm is None))
+        if (n := make_norm(norm, v, conv=True)) is not None: layers.append(n)
+        layers.append(nn.ReLU())
+        c = v
+    return layers, c
+
+# %% ../nbs/02_models.ipynb #80221867
 class VGG(nn.Module):
     "VGG for 32x32 images with a width multiplier and a choice of norm."
     def __init__(self, depth: str='vgg11', # 'vgg11' or 'vgg16'
@@ -65,14 +86,7 @@ class VGG(nn.Module):
                 ):
         super().__init__()
         if depth not in VGG_CFGS: raise UnknownName(f"unknown VGG '{depth}'; known: {', '.join(VGG_CFGS)}")
-        layers, c = [], in_channels
-        for v in VGG_CFGS[depth]:
-            if v == 'M': layers.append(nn.MaxPool2d(2)); continue
-            v = _w(v, width)
-            layers.append(nn.Conv2d(c, v, 3, padding=1, bias=norm is None))
-            if (n := make_norm(norm, v, conv=True)) is not None: layers.append(n)
-            layers.append(nn.ReLU())
-            c = v
+        layers, c = _vgg_layers(VGG_CFGS[depth], in_channels, width, norm)
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(c, num_classes)
     def forward(self, x: Tensor) -> Tensor: return self.classifier(self.features(x).flatten(1))
@@ -95,6 +109,7 @@ class BasicBlock(nn.Module):
         out = self.bn2(self.conv2(out))
         return F.relu(out + (x if self.downsample is None else self.downsample(x)))
 
+# %% ../nbs/02_models.ipynb #0573503b
 class ResNet20(nn.Module):
     "ResNet20 for 32x32 images (He et al. 2016), with width multiplier and norm choice."
     def __init__(self, num_classes: int=10, # outputs
@@ -106,7 +121,8 @@ class ResNet20(nn.Module):
         c = [_w(16, width), _w(32, width), _w(64, width)]
         self.conv1 = nn.Conv2d(in_channels, c[0], 3, 1, 1, bias=norm is None)
         self.bn1 = make_norm(norm, c[0], conv=True) or nn.Identity()
-        blocks = lambda cin, cout, s: nn.Sequential(BasicBlock(cin, cout, s, norm), BasicBlock(cout, cout, 1, norm), BasicBlock(cout, cout, 1, norm))
+        blocks = lambda cin, cout, s: nn.Sequential(BasicBlock(cin, cout, s, norm), BasicBlock(cout, cout, 1, norm),
+                                                    BasicBlock(cout, cout, 1, norm))
         self.layer1, self.layer2, self.layer3 = blocks(c[0], c[0], 1), blocks(c[0], c[1], 2), blocks(c[1], c[2], 2)
         self.fc = nn.Linear(c[2], num_classes)
     def forward(self, x: Tensor) -> Tensor:
@@ -129,10 +145,12 @@ def vgg16(num_classes: int=10, width: float=1, norm: str|None='bn', in_channels:
 
 MODELS.register('resnet20', paper='https://arxiv.org/abs/1512.03385', summary='ResNet20 for 32x32 inputs.')(ResNet20)
 
+# %% ../nbs/02_models.ipynb #829dbd26
 def build_model(cfg: dict, # {'name': registered model, **constructor arguments}
                ) -> nn.Module:
     "A freshly initialised model from a config dict."
-    cfg = dict(cfg); name = cfg.pop('name', None)
+    cfg = dict(cfg)
+    name = cfg.pop('name', None)
     if name is None: raise ValueError("a model config needs a 'name'")
     try: return MODELS[name].fn(**cfg)
     except TypeError as e: raise ValueError(f"bad arguments for model '{name}': {e}") from None

@@ -15,7 +15,8 @@ from omegaconf.errors import OmegaConfBaseException
 from .core import *
 from .data import Data, load_dataset, rotate, class_split
 from .models import MODELS, build_model
-from .training import TrainConfig, ModelCache, model_config, train, estimate_train_time, load_checkpoint, save_checkpoint
+from .training import (TrainConfig, ModelCache, model_config, train, estimate_train_time, load_checkpoint,
+                                  save_checkpoint)
 from .fusion import Pool, METHODS, merge, method_schema, check_params, canonical, BadParameter
 from .evaluation import evaluate
 
@@ -30,7 +31,6 @@ class ConfigError(ModelFusionError, ValueError):
     "A configuration file or override that cannot be used."
 
 TASK_KEYS = ('name', 'dataset', 'rotate', 'classes', 'relabel', 'n_train', 'n_test', 'mix')
-_LOADED: dict = {}
 
 def _plain(cfg) -> Any:
     "A DictConfig/ListConfig as plain Python containers (anything else unchanged)."
@@ -45,9 +45,13 @@ def check_keys(d: dict, # a config mapping
     for k in d:
         if k not in known: raise ConfigError(f"unknown key '{k}' in {where}; known keys: {', '.join(sorted(known))}")
 
+# %% ../nbs/07a_pipeline.ipynb #55d40a42
+_LOADED: dict = {}
+
 def _leaf(ds, angle, classes, relabel, root, dev, allow_sample) -> Data:
     "A registered data set, rotated and/or split, built once per process (every pool and task pool reuses it)."
-    key = (ds, angle or None, tuple(classes) if classes is not None else None, relabel and classes is not None, str(root), str(dev), allow_sample)
+    key = (ds, angle or None, tuple(classes) if classes is not None else None, relabel and classes is not None,
+           str(root), str(dev), allow_sample)
     if key not in _LOADED:
         if angle or classes is not None:
             d = _leaf(ds, None, None, False, root, dev, allow_sample)
@@ -57,27 +61,36 @@ def _leaf(ds, angle, classes, relabel, root, dev, allow_sample) -> Data:
         _LOADED[key] = d
     return _LOADED[key]
 
+# %% ../nbs/07a_pipeline.ipynb #0219c525
+def _mix(parts: list[Data]) -> Data:
+    "The tasks' data concatenated (a multi-task training set); they must share an input shape."
+    if len({p.input_shape for p in parts}) > 1:
+        raise ConfigError(f"cannot mix tasks of different input shapes: {[p.input_shape for p in parts]}")
+    cat = lambda a: torch.cat([getattr(p, a) for p in parts])
+    return Data('mix(' + '+'.join(p.name for p in parts) + ')', cat('x_train'), cat('y_train'), cat('x_test'),
+                cat('y_test'), max(p.num_classes for p in parts), '; '.join(p.source for p in parts), parts[0].augment)
+
+def _truncate(d: Data, n_tr: int|None, n_te: int|None) -> Data:
+    "`d` cut to its first `n_tr` training and `n_te` test samples (unchanged when both are unset)."
+    if not (n_tr or n_te): return d
+    return replace(d, name=f"{d.name}[:{n_tr or ''}/{n_te or ''}]", x_train=d.x_train[:n_tr], y_train=d.y_train[:n_tr],
+                   x_test=d.x_test[:n_te], y_test=d.y_test[:n_te])
+
+# %% ../nbs/07a_pipeline.ipynb #c4b726fd
 def task_data(task: dict, # {dataset, rotate, classes, relabel, n_train, n_test} or {mix: [task, ...]}
               root: str|Path|None=None, # data folder (else $MODELFUSION_DATA)
               device: str|torch.device|None='cpu', # where the tensors live
               allow_sample: bool=False, # for mnist: fall back to the embedded sample
              ) -> Data:
     "The data of a task description (see above)."
-    task = _plain(task); check_keys(task, TASK_KEYS, f"task {task!r}")
+    task = _plain(task)
+    check_keys(task, TASK_KEYS, f"task {task!r}")
     dev = get_device(device)
-    if task.get('mix'):
-        parts = [task_data(t, root, dev, allow_sample) for t in task['mix']]
-        if len({p.input_shape for p in parts}) > 1: raise ConfigError(f"cannot mix tasks of different input shapes: {[p.input_shape for p in parts]}")
-        cat = lambda a: torch.cat([getattr(p, a) for p in parts])
-        d = Data('mix(' + '+'.join(p.name for p in parts) + ')', cat('x_train'), cat('y_train'), cat('x_test'), cat('y_test'),
-                 max(p.num_classes for p in parts), '; '.join(p.source for p in parts), parts[0].augment)
-    else:
-        if not task.get('dataset'): raise ConfigError(f"a task needs a 'dataset' (or 'mix'): {task!r}")
-        d = _leaf(task['dataset'], task.get('rotate'), task.get('classes'), bool(task.get('relabel')), root, dev, allow_sample)
-    n_tr, n_te = task.get('n_train'), task.get('n_test')
-    if n_tr or n_te:
-        d = replace(d, name=f"{d.name}[:{n_tr or ''}/{n_te or ''}]", x_train=d.x_train[:n_tr], y_train=d.y_train[:n_tr],
-                    x_test=d.x_test[:n_te], y_test=d.y_test[:n_te])
+    if task.get('mix'): d = _mix([task_data(t, root, dev, allow_sample) for t in task['mix']])
+    elif not task.get('dataset'): raise ConfigError(f"a task needs a 'dataset' (or 'mix'): {task!r}")
+    else: d = _leaf(task['dataset'], task.get('rotate'), task.get('classes'), bool(task.get('relabel')),
+                    root, dev, allow_sample)
+    d = _truncate(d, task.get('n_train'), task.get('n_test'))
     return replace(d, name=task.get('name') or d.name)
 
 # %% ../nbs/07a_pipeline.ipynb #020dbc87
@@ -94,20 +107,133 @@ def _template(model: dict, data: Data|None) -> tuple[nn.Module, dict|None]:
         fn = getattr(torchvision.models, name, None)
         if fn is None or not callable(fn): raise UnknownName(f"torchvision.models has no model '{name}'")
         return fn(weights=None, **model), None
-    if 'name' not in model: raise ConfigError(f"the pool's model needs a 'name' (see `modelfusion list models`) or 'torchvision': {model}")
+    if 'name' not in model:
+        raise ConfigError(f"the pool's model needs a 'name' (see `modelfusion list models`) or 'torchvision': {model}")
     MODELS[model['name']]
     if data is None: raise ConfigError("the pool needs `data` (a task) to know the model's input size and classes")
     cfg = model_config(model.pop('name'), data, **model)
     return build_model(cfg), cfg
 
+# %% ../nbs/07a_pipeline.ipynb #03a7975b
 def _train_cfg(*dicts) -> TrainConfig:
+    "The `TrainConfig` of the given field dicts, later ones winning (None and {} skipped)."
     kw = {}
     for d in dicts:
-        if d: check_keys(d, _TRAIN_FIELDS, 'train'); kw.update(d)
+        if d:
+            check_keys(d, _TRAIN_FIELDS, 'train')
+            kw.update(d)
     return TrainConfig(**kw)
 
-def _fmt_time(s: float) -> str: return f"{s:.0f} s" if s < 90 else f"{s / 60:.0f} min" if s < 5400 else f"{s / 3600:.1f} h"
+def _fmt_time(s: float) -> str:
+    "A duration in s, min or h."
+    return f"{s:.0f} s" if s < 90 else f"{s / 60:.0f} min" if s < 5400 else f"{s / 3600:.1f} h"
 
+# %% ../nbs/07a_pipeline.ipynb #742b00ae
+@dataclass
+class _PoolCtx:
+    "What every entry of one pool shares while the pool is built."
+    cfg: dict # the pool config (plain containers)
+    root: Any # data folder
+    dev: torch.device # where the models live
+    mc: ModelCache|None # the model cache (None: none)
+    pdata: Data|None # the pool's `data`: the default task
+    mcfg: dict|None # the package model config (None: a torchvision model)
+    verbose: bool|None # progress bars and the training-time estimate
+    @property
+    def name(self) -> str: return self.cfg.get('name', '')
+
+def _cache_of(cache) -> ModelCache|None:
+    "The model cache a `cache` argument names: a `ModelCache`, a folder, True (the default one) or False (none)."
+    if isinstance(cache, ModelCache): return cache
+    return ModelCache(cache) if isinstance(cache, (str, Path)) else ModelCache() if cache else None
+
+# %% ../nbs/07a_pipeline.ipynb #784f9f8f
+def _plan(ctx: _PoolCtx, e: dict, where: str, base=None) -> tuple:
+    "What an entry needs: ('file'|'init', entry) or ('train', data, train config, seed, init)."
+    e = {'seed': 0, **e}
+    if e.get('path'): return ('file', e)
+    if e.get('init'): return ('init', e)
+    data = task_data(e['task'], ctx.root, ctx.dev) if e.get('task') else ctx.pdata
+    if data is None: raise ConfigError(f"{where} has no task to train on and the pool has no `data`")
+    if ctx.mcfg is None:
+        raise ConfigError(f"{where}: only package models (`modelfusion list models`) can be trained in a pool; "
+                          "give torchvision models a `path` or `init: true`")
+    if e.get('finetune') and base is None:
+        raise ConfigError(f"{where} has finetune: true but the pool has no base model")
+    init = base if e.get('finetune') else None
+    return ('train', data, _train_cfg(ctx.cfg.get('train'), e.get('train')), e['seed'], init)
+
+# %% ../nbs/07a_pipeline.ipynb #2bd6c3df
+def _announce(ctx: _PoolCtx, plans: list[tuple]) -> int:
+    "Say how many models must be trained and about how long that will take (the rest come from the cache)."
+    mc, mcfg = ctx.mc, ctx.mcfg
+    todo = [p for p in plans if p[0] == 'train' and not (mc and mc.key(mcfg, p[1], p[2], p[3], p[4]) in mc)]
+    if todo and ctx.verbose is not False:
+        est = sum(estimate_train_time(mcfg, p[1], p[2], ctx.dev) for p in todo)
+        print(f"model pool '{ctx.name}': training {len(todo)} model(s) not in the cache yet, about {_fmt_time(est)} "
+              f"on {ctx.dev.type} (estimated from a few timed steps)"
+              f"{'; later runs load them from the cache' if mc else ''}", file=sys.stderr, flush=True)
+    return len(todo)
+
+# %% ../nbs/07a_pipeline.ipynb #2d300d9c
+def _load(ctx: _PoolCtx, p: tuple, bar=None) -> tuple[StateDict, dict, Data|None]:
+    "Carry out a plan: (state dict, its info for the report, the data it was trained on or None)."
+    kind = p[0]
+    if kind == 'file':
+        sd, meta = load_checkpoint(p[1]['path'])
+        return sd, {'source': 'file', 'path': str(p[1]['path'])}, None
+    if kind == 'init':
+        torch.manual_seed(p[1]['seed'])
+        m, _ = _template(ctx.cfg['model'], ctx.pdata)
+        return m.state_dict(), {'source': 'init', 'seed': p[1]['seed']}, None
+    _, data, tcfg, seed, init = p
+    t = train(ctx.mcfg, data, tcfg, seed, cache=ctx.mc if ctx.mc else False, device=ctx.dev, verbose=ctx.verbose,
+              init=init)
+    if bar is not None and not t.from_cache: bar.update(1)
+    m = t.meta['metrics']
+    return t.state_dict, {'source': 'cache' if t.from_cache else 'trained', 'key': t.meta.get('key'), 'task': data.name,
+                          'seed': seed, 'finetuned': init is not None, 'test_acc': m.get('test_acc'),
+                          'train_time_s': m.get('train_time_s')}, data
+
+# %% ../nbs/07a_pipeline.ipynb #263db9ce
+def _load_base(ctx: _PoolCtx) -> tuple[StateDict|None, dict|None]:
+    "The base model's state dict and report info ((None, None) when the pool has no base)."
+    if not ctx.cfg.get('base'): return None, None
+    bp = _plan(ctx, ctx.cfg['base'], 'the base model')
+    _announce(ctx, [bp])
+    base, info_base, _ = _load(ctx, bp)
+    return base, info_base
+
+def _entries(ctx: _PoolCtx) -> list[tuple[str, dict]]:
+    "(name, entry) for every model, an unnamed one called model_<i>; names must be unique."
+    entries = [(e.get('name') or f'model_{i}', e) for i, e in enumerate(ctx.cfg['models'])]
+    seen = set()
+    for n, _ in entries:
+        if n in seen: raise ConfigError(f"model pool '{ctx.name}' has two models named '{n}'")
+        seen.add(n)
+    return entries
+
+# %% ../nbs/07a_pipeline.ipynb #4276bbf0
+def _load_models(ctx: _PoolCtx, base: StateDict|None) -> tuple[dict, dict, dict]:
+    "Every model's state dict, task data and report info: all planned (and checked) first, then loaded or trained."
+    entries = _entries(ctx)
+    plans = [_plan(ctx, e, f"model '{n}'", base) for n, e in entries]
+    k = _announce(ctx, plans)
+    bar = None
+    if k: bar = progress(range(k), ctx.verbose, desc=f"training pool '{ctx.name}'", unit='model')
+    models, tasks, info = {}, {}, {}
+    try:
+        for (n, e), p in zip(entries, plans):
+            sd, info[n], data = _load(ctx, p, bar)
+            models[n] = {k_: v.to(ctx.dev) for k_, v in sd.items()}
+            if data is not None: tasks[n] = data
+            elif e.get('task') or ctx.pdata is not None:
+                tasks[n] = task_data(e['task'], ctx.root, ctx.dev) if e.get('task') else ctx.pdata
+    finally:
+        if bar is not None: bar.close()
+    return models, tasks, info
+
+# %% ../nbs/07a_pipeline.ipynb #d5a353e6
 def load_modelpool(cfg: dict|DictConfig, # a model pool config (see above)
                    root: str|Path|None=None, # data folder
                    device: str|None=None, # None: CUDA when available
@@ -115,77 +241,26 @@ def load_modelpool(cfg: dict|DictConfig, # a model pool config (see above)
                    verbose: bool|None=None, # progress bars and the training-time estimate (None: bars where visible)
                   ) -> Pool:
     "Build the pool of a config: load or train every model (saying how long training will take, with a progress bar)."
-    cfg = _plain(cfg); check_modelpool(cfg)
-    dev = get_device(device); mc = cache if isinstance(cache, ModelCache) else ModelCache(cache) if isinstance(cache, (str, Path)) else ModelCache() if cache else None
-    pname = cfg.get('name', '')
+    cfg = _plain(cfg)
+    check_modelpool(cfg)
+    dev, mc = get_device(device), _cache_of(cache)
     pdata = task_data(cfg['data'], root, dev) if cfg.get('data') else None
     template, mcfg = _template(cfg['model'], pdata)
     template = template.to(dev)
-    def plan(e, where, base=None):
-        "What an entry needs: ('file'|'init', ...) or ('train', data, train config, seed, init)."
-        e = {'seed': 0, **e}
-        if e.get('path'): return ('file', e)
-        if e.get('init'): return ('init', e)
-        data = task_data(e['task'], root, dev) if e.get('task') else pdata
-        if data is None: raise ConfigError(f"{where} has no task to train on and the pool has no `data`")
-        if mcfg is None: raise ConfigError(f"{where}: only package models (`modelfusion list models`) can be trained in a "
-                                           "pool; give torchvision models a `path` or `init: true`")
-        if e.get('finetune') and base is None: raise ConfigError(f"{where} has finetune: true but the pool has no base model")
-        return ('train', data, _train_cfg(cfg.get('train'), e.get('train')), e['seed'], base if e.get('finetune') else None)
-    def announce(plans):
-        "Say how many models must be trained and about how long it will take (the rest come from the cache)."
-        todo = [p for p in plans if p[0] == 'train' and not (mc and mc.key(mcfg, p[1], p[2], p[3], p[4]) in mc)]
-        if todo and verbose is not False:
-            est = sum(estimate_train_time(mcfg, p[1], p[2], dev) for p in todo)
-            print(f"model pool '{pname}': training {len(todo)} model(s) not in the cache yet, about {_fmt_time(est)} on "
-                  f"{dev.type} (estimated from a few timed steps){'; later runs load them from the cache' if mc else ''}",
-                  file=sys.stderr, flush=True)
-        return len(todo)
-    def load(p, bar=None):
-        kind = p[0]
-        if kind == 'file':
-            sd, meta = load_checkpoint(p[1]['path']); return sd, {'source': 'file', 'path': str(p[1]['path'])}, None
-        if kind == 'init':
-            torch.manual_seed(p[1]['seed'])
-            m, _ = _template(cfg['model'], pdata)
-            return m.state_dict(), {'source': 'init', 'seed': p[1]['seed']}, None
-        _, data, tcfg, seed, init = p
-        t = train(mcfg, data, tcfg, seed, cache=mc if mc else False, device=dev, verbose=verbose, init=init)
-        if bar is not None and not t.from_cache: bar.update(1)
-        m = t.meta['metrics']
-        return t.state_dict, {'source': 'cache' if t.from_cache else 'trained', 'key': t.meta.get('key'), 'task': data.name,
-                              'seed': seed, 'finetuned': init is not None, 'test_acc': m.get('test_acc'),
-                              'train_time_s': m.get('train_time_s')}, data
-    base = info_base = None
-    if cfg.get('base'):
-        bp = plan(cfg['base'], 'the base model'); announce([bp])
-        base, info_base, _ = load(bp)
-    entries = [(e.get('name') or f'model_{i}', e) for i, e in enumerate(cfg['models'])]
-    seen = set()
-    for n, _ in entries:
-        if n in seen: raise ConfigError(f"model pool '{pname}' has two models named '{n}'")
-        seen.add(n)
-    plans = [plan(e, f"model '{n}'", base) for n, e in entries]
-    k = announce(plans)
-    bar = progress(range(k), verbose if k else False, desc=f"training pool '{pname}'", unit='model') if k else None
-    models, tasks, info = {}, {}, {}
-    try:
-        for (n, e), p in zip(entries, plans):
-            sd, info[n], data = load(p, bar)
-            models[n] = {k_: v.to(dev) for k_, v in sd.items()}
-            if data is not None: tasks[n] = data
-            elif e.get('task') or pdata is not None: tasks[n] = task_data(e['task'], root, dev) if e.get('task') else pdata
-    finally:
-        if bar is not None: bar.close()
+    ctx = _PoolCtx(cfg, root, dev, mc, pdata, mcfg, verbose)
+    base, info_base = _load_base(ctx)
+    models, tasks, info = _load_models(ctx, base)
     if info_base: info['base'] = info_base
     return Pool(models, template, {k_: v.to(dev) for k_, v in base.items()} if base is not None else None, tasks,
-                pname, info, mcfg)
+                ctx.name, info, mcfg)
 
+# %% ../nbs/07a_pipeline.ipynb #59c478d7
 def check_modelpool(cfg: dict) -> None:
     "Check a model pool config's keys (raising `ConfigError` that names the bad key)."
-    check_keys(cfg, POOL_KEYS, f"model pool '{cfg.get('name', '?')}'")
-    if not cfg.get('model'): raise ConfigError(f"model pool '{cfg.get('name', '?')}' needs a `model` (the architecture)")
-    if not cfg.get('models'): raise ConfigError(f"model pool '{cfg.get('name', '?')}' has no models: `models` is empty")
+    where = f"model pool '{cfg.get('name', '?')}'"
+    check_keys(cfg, POOL_KEYS, where)
+    if not cfg.get('model'): raise ConfigError(f"{where} needs a `model` (the architecture)")
+    if not cfg.get('models'): raise ConfigError(f"{where} has no models: `models` is empty")
     if not isinstance(cfg['models'], list): raise ConfigError("`models` must be a list of model entries")
     if cfg.get('base'): check_keys(cfg['base'], ENTRY_KEYS, 'the base model entry')
     for i, e in enumerate(cfg['models']):
@@ -197,6 +272,25 @@ def check_modelpool(cfg: dict) -> None:
 # %% ../nbs/07a_pipeline.ipynb #d480085a
 TASKPOOL_KEYS = ('name', 'description', 'type', 'split', 'tasks', 'n_eval')
 
+def _size_report(template: nn.Module, sd: StateDict) -> dict:
+    "The `dummy` task pool's report: parameters, buffers, bytes and the fraction of nonzero weights."
+    params = {n for n, _ in template.named_parameters()}
+    return {'parameters': sum(v.numel() for k, v in sd.items() if k in params),
+            'buffers': sum(v.numel() for k, v in sd.items() if k not in params),
+            'bytes': sum(v.numel() * v.element_size() for v in sd.values()),
+            'nonzero_fraction': sum(int((v != 0).sum()) for k, v in sd.items() if k in params) /
+                                max(1, sum(v.numel() for k, v in sd.items() if k in params))}
+
+def _tasks_of(cfg: dict, root, device) -> dict[str, Data]:
+    "A task pool config's tasks by name (names must be unique)."
+    tasks = {}
+    for i, t in enumerate(cfg.get('tasks') or []):
+        d = task_data(t, root, device)
+        if d.name in tasks: raise ConfigError(f"task pool '{cfg.get('name')}' has two tasks named '{d.name}'")
+        tasks[d.name] = d
+    return tasks
+
+# %% ../nbs/07a_pipeline.ipynb #e66ffdba
 @dataclass
 class TaskPool:
     "Named evaluations: each task's split gives loss and accuracy; `dummy` reports parameter counts."
@@ -206,17 +300,12 @@ class TaskPool:
     n_eval: int|None=None # evaluate on at most this many samples per task (a fixed prefix)
     name: str=''
     def __post_init__(self):
-        if self.kind not in ('classification', 'dummy'): raise UnknownName(f"unknown task pool type '{self.kind}'; known: classification, dummy")
+        if self.kind not in ('classification', 'dummy'):
+            raise UnknownName(f"unknown task pool type '{self.kind}'; known: classification, dummy")
         if self.kind == 'classification' and not self.tasks: raise ConfigError(f"task pool '{self.name}' has no tasks")
     def evaluate(self, template: nn.Module, sd: StateDict) -> dict:
         "Per task: loss and accuracy; plus 'average' (mean accuracy and loss over the tasks)."
-        if self.kind == 'dummy':
-            params = {n for n, _ in template.named_parameters()}
-            return {'dummy': {'parameters': sum(v.numel() for k, v in sd.items() if k in params),
-                              'buffers': sum(v.numel() for k, v in sd.items() if k not in params),
-                              'bytes': sum(v.numel() * v.element_size() for v in sd.values()),
-                              'nonzero_fraction': sum(int((v != 0).sum()) for k, v in sd.items() if k in params) /
-                                                  max(1, sum(v.numel() for k, v in sd.items() if k in params))}}
+        if self.kind == 'dummy': return {'dummy': _size_report(template, sd)}
         out = {}
         for n, d in self.tasks.items():
             x, y = d.split(self.split)
@@ -226,14 +315,10 @@ class TaskPool:
     @classmethod
     def from_config(cls, cfg: dict|DictConfig, root=None, device=None) -> TaskPool:
         "Build a task pool from its config."
-        cfg = _plain(cfg); check_keys(cfg, TASKPOOL_KEYS, f"task pool '{cfg.get('name', '?')}'")
+        cfg = _plain(cfg)
+        check_keys(cfg, TASKPOOL_KEYS, f"task pool '{cfg.get('name', '?')}'")
         kind = cfg.get('type', 'classification')
-        tasks = {}
-        for i, t in enumerate(cfg.get('tasks') or []):
-            d = task_data(t, root, device)
-            if d.name in tasks: raise ConfigError(f"task pool '{cfg.get('name')}' has two tasks named '{d.name}'")
-            tasks[d.name] = d
-        return cls(tasks, kind, cfg.get('split', 'test'), cfg.get('n_eval'), cfg.get('name', ''))
+        return cls(_tasks_of(cfg, root, device), kind, cfg.get('split', 'test'), cfg.get('n_eval'), cfg.get('name', ''))
 
 # %% ../nbs/07a_pipeline.ipynb #a6ffe2a6
 CONFIG_KINDS = ('method', 'modelpool', 'taskpool')
@@ -257,6 +342,18 @@ def list_configs(kind: str, # 'method', 'modelpool' or 'taskpool'
         for p in sorted((d/kind).glob('*.yaml')) if (d/kind).is_dir() else []: out.setdefault(p.stem, p)
     return dict(sorted(out.items()))
 
+# %% ../nbs/07a_pipeline.ipynb #8b701086
+def _read_yaml(kind: str, p: Path) -> Any:
+    "A config file as plain Python; a YAML error becomes a `ConfigError` naming the file (and the line and column)."
+    try: return _plain(OmegaConf.load(p))
+    except yaml.MarkedYAMLError as e:
+        m = e.problem_mark or e.context_mark
+        raise ConfigError(f"cannot parse {kind} config {p}, line {m.line + 1}, column {m.column + 1}: "
+                          f"{e.problem or e.context}") from None
+    except (OmegaConfBaseException, yaml.YAMLError) as e:
+        raise ConfigError(f"cannot parse {kind} config {p}: {str(e).splitlines()[0]}") from None
+
+# %% ../nbs/07a_pipeline.ipynb #2f1efdae
 def load_config(kind: str, # 'method', 'modelpool' or 'taskpool'
                 name: str|Path, # a config name, or a path to a .yaml file
                 extra=None, # the user's config folders
@@ -265,23 +362,19 @@ def load_config(kind: str, # 'method', 'modelpool' or 'taskpool'
     p = Path(name)
     if p.suffix not in ('.yaml', '.yml'):
         known = list_configs(kind, extra)
-        if kind == 'method' and str(name) not in known and str(name) in METHODS:  # a method without a shipped config
-            return {'name': str(name)}                                              # (e.g. a FusionBench name): its defaults
+        if kind == 'method' and str(name) not in known and str(name) in METHODS:
+            return {'name': str(name)}  # a method without a shipped config (e.g. a FusionBench name): its defaults
         if str(name) not in known:
             raise UnknownName(f"unknown {kind} config '{name}'; known {kind}s: {', '.join(known)} "
                               f"(searched {', '.join(str(d/kind) for d in config_dirs(extra))})")
         p = known[str(name)]
     if not p.exists(): raise ConfigError(f"{kind} config file {p} does not exist")
-    try: cfg = _plain(OmegaConf.load(p))
-    except yaml.MarkedYAMLError as e:
-        m = e.problem_mark or e.context_mark
-        raise ConfigError(f"cannot parse {kind} config {p}, line {m.line + 1}, column {m.column + 1}: {e.problem or e.context}") from None
-    except (OmegaConfBaseException, yaml.YAMLError) as e:
-        raise ConfigError(f"cannot parse {kind} config {p}: {str(e).splitlines()[0]}") from None
+    cfg = _read_yaml(kind, p)
     if not isinstance(cfg, dict): raise ConfigError(f"{kind} config {p} must be a mapping, got {type(cfg).__name__}")
     if kind == 'method': cfg.setdefault('name', p.stem)
     return cfg
 
+# %% ../nbs/07a_pipeline.ipynb #db0a9f01
 def _jsonable(v):
     return list(v) if isinstance(v, tuple) else v
 
@@ -298,6 +391,7 @@ def canonical_method(cfg: dict, # a method config: {'name': ..., **parameters}, 
     except BadParameter as e: raise ConfigError(str(e)) from None
     return {'name': name, **params}
 
+# %% ../nbs/07a_pipeline.ipynb #b35589a9
 def check_method(cfg: dict) -> None:
     "Check a method config against the method's signature: known parameters, required ones present, values of the right type."
     if 'name' not in cfg: raise ConfigError("a method config needs a `name`")
@@ -311,22 +405,35 @@ def check_config(cfg: dict) -> None:
     check_keys(cfg, TOP_KEYS, 'the run config')
     for k in CONFIG_KINDS:
         if k not in cfg: raise ConfigError(f"the run config needs a `{k}`")
-    check_method(cfg['method']); check_modelpool(cfg['modelpool'])
+    check_method(cfg['method'])
+    check_modelpool(cfg['modelpool'])
     check_keys(cfg['taskpool'], TASKPOOL_KEYS, f"task pool '{cfg['taskpool'].get('name', '?')}'")
 
-def apply_override(cfg: dict, # a run config
-                   override: str, # 'dotted.key=value' (value parsed as YAML)
-                  ) -> dict:
-    "A copy of `cfg` with one override applied and checked."
+# %% ../nbs/07a_pipeline.ipynb #2e6d43db
+def _parse_override(override: str) -> tuple[str, Any]:
+    "'dotted.key=value' as (key, value), the value parsed as YAML."
     if '=' not in override: raise ConfigError(f"an override is key=value, got '{override}'")
     key, val = override.split('=', 1)
     try: val = yaml.safe_load(val)
-    except yaml.YAMLError as e: raise ConfigError(f"cannot parse the value of override '{override}': {str(e).splitlines()[0]}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"cannot parse the value of override '{override}': {str(e).splitlines()[0]}") from None
+    return key, val
+
+def _canonical_override(cfg: dict, key: str, val) -> tuple[str, Any]:
+    "An override in our names: a method parameter's FusionBench name and units, a method's alias, translated."
     m = cfg.get('method') if isinstance(cfg.get('method'), dict) else {}
     if key.startswith('method.') and key.count('.') == 1 and key != 'method.name' and str(m.get('name')) in METHODS:
         (k, val), = canonical(str(m['name']), {key[7:]: val})[1].items()  # FusionBench's parameter names and units
         key = f'method.{k}'
     if key == 'method.name' and str(val) in METHODS: val = METHODS.resolve(str(val))
+    return key, val
+
+# %% ../nbs/07a_pipeline.ipynb #5b2451bb
+def apply_override(cfg: dict, # a run config
+                   override: str, # 'dotted.key=value' (value parsed as YAML)
+                  ) -> dict:
+    "A copy of `cfg` with one override applied and checked."
+    key, val = _canonical_override(cfg, *_parse_override(override))
     oc = OmegaConf.create(cfg)
     try: OmegaConf.update(oc, key, val, merge=True)
     except (OmegaConfBaseException, IndexError, KeyError, ValueError) as e:
@@ -336,6 +443,17 @@ def apply_override(cfg: dict, # a run config
     except ConfigError as e: raise ConfigError(f"override '{override}': {e}") from None
     return out
 
+# %% ../nbs/07a_pipeline.ipynb #4dc00fa7
+def _method_with_defaults(method: str|dict, config_dir) -> dict:
+    "A method config in our names, every parameter it leaves out set to the signature's default."
+    m = canonical_method(dict(method) if isinstance(method, dict) else load_config('method', method, config_dir))
+    defaults = {k: _jsonable(v) for k, v in method_params(m['name']).items() if v is not inspect.Parameter.empty}
+    return {'name': m['name'], **defaults, **{k: v for k, v in m.items() if k != 'name'}}
+
+def _config_of(kind: str, cfg: str|dict, config_dir) -> dict:
+    "A copy of a config dict, or the config of a name or path."
+    return dict(cfg) if isinstance(cfg, dict) else load_config(kind, cfg, config_dir)
+
 def compose(method: str|dict, # a method config name/path, or a config dict
             modelpool: str|dict, # a model pool config name/path, or dict
             taskpool: str|dict, # a task pool config name/path, or dict
@@ -343,11 +461,9 @@ def compose(method: str|dict, # a method config name/path, or a config dict
             config_dir=None, # the user's config folders
            ) -> dict:
     "The run config: the three configs, method defaults filled in, overrides applied, everything checked."
-    m = canonical_method(dict(method) if isinstance(method, dict) else load_config('method', method, config_dir))
-    defaults = {k: _jsonable(v) for k, v in method_params(m['name']).items() if v is not inspect.Parameter.empty}
-    cfg = {'method': {'name': m['name'], **defaults, **{k: v for k, v in m.items() if k != 'name'}},
-           'modelpool': dict(modelpool) if isinstance(modelpool, dict) else load_config('modelpool', modelpool, config_dir),
-           'taskpool': dict(taskpool) if isinstance(taskpool, dict) else load_config('taskpool', taskpool, config_dir),
+    cfg = {'method': _method_with_defaults(method, config_dir),
+           'modelpool': _config_of('modelpool', modelpool, config_dir),
+           'taskpool': _config_of('taskpool', taskpool, config_dir),
            'seed': 0, 'device': None, 'evaluate_inputs': True}
     check_config(cfg)
     for o in overrides: cfg = apply_override(cfg, o)
@@ -357,19 +473,81 @@ def compose(method: str|dict, # a method config name/path, or a config dict
 def _writable(path: Path) -> None:
     p = Path(path).absolute()
     while not p.exists(): p = p.parent
-    if not os.access(p, os.W_OK) or not p.is_dir(): raise OutputNotWritable(f"cannot write to the output folder {path}: {p} is not a writable folder")
+    if not os.access(p, os.W_OK) or not p.is_dir():
+        raise OutputNotWritable(f"cannot write to the output folder {path}: {p} is not a writable folder")
 
 def check_save_path(path: str|Path, # where a model will be saved
                     what: str='save_model', # how the option is called in the error message
                    ) -> Path:
     "Check, before any work, that a model can be saved at `path`: a .safetensors file in a writable folder."
     p = Path(path)
-    if p.suffix != '.safetensors': raise ConfigError(f"{what} {path}: models are saved as safetensors, so the file name must end in .safetensors")
+    if p.suffix != '.safetensors':
+        raise ConfigError(f"{what} {path}: models are saved as safetensors, so the file name must end in .safetensors")
     if p.is_dir(): raise ConfigError(f"{what} {path} is a folder; give a file name ending in .safetensors")
     try: _writable(p.parent)
     except OutputNotWritable as e: raise OutputNotWritable(f"{what} {path}: {e}") from None
     return p
 
+# %% ../nbs/07a_pipeline.ipynb #7709a478
+def _checked_run(cfg: dict, out, save_model) -> tuple[str, dict, Path]:
+    "The method's name, its parameters and the run folder of a checked run config; fails before any work."
+    name, params = cfg['method']['name'], {k: v for k, v in cfg['method'].items() if k != 'name'}
+    out = Path(out) if out else Path('runs/fuse')/(f"{name}-{cfg['modelpool'].get('name', 'pool')}-"
+                                                   f"{cfg['taskpool'].get('name', 'tasks')}-{config_hash(cfg)[:8]}")
+    if len(cfg['modelpool']['models']) < 2:
+        raise ConfigError(f"model pool '{cfg['modelpool'].get('name', '?')}' has {len(cfg['modelpool']['models'])} "
+                          "model(s); fusing needs at least 2")
+    _writable(out)
+    if save_model: check_save_path(save_model)
+    return name, params, out
+
+def _timed(times: dict, key: str, f, /, *args, **kwargs):
+    "`f(*args, **kwargs)`, its wall time stored in `times[key]`."
+    t = time.time()
+    r = f(*args, **kwargs)
+    times[key] = time.time() - t
+    return r
+
+# %% ../nbs/07a_pipeline.ipynb #4c8833db
+def _evaluate_all(pool: Pool, tasks: TaskPool, outs: list[StateDict], inputs_too: bool) -> tuple[dict, dict]:
+    "The task pool's metrics of every output model and, with `inputs_too`, of every input model and the base."
+    results = {('merged' if len(outs) == 1 else f'model_{i}'): tasks.evaluate(pool.template, sd)
+               for i, sd in enumerate(outs)}
+    inputs = {}
+    if inputs_too:
+        inputs = {n: tasks.evaluate(pool.template, sd) for n, sd in pool.models.items()}
+        if pool.base is not None: inputs['base'] = tasks.evaluate(pool.template, pool.base)
+    return results, inputs
+
+def _report(cfg: dict, name: str, res, pool: Pool, tasks: TaskPool, results: dict, inputs: dict) -> dict:
+    "A run's report, but for the timings and the saved models."
+    computed_in = sorted({str(v.dtype).replace('torch.', '') for v in pool.template.state_dict().values()
+                          if is_float(v)})
+    task_info = {n: {'source': d.source, 'n_eval': len(d.split(tasks.split)[0][:tasks.n_eval])}
+                 for n, d in tasks.tasks.items()}
+    return {'method': name, 'paper': METHODS[name].paper, 'config': cfg, 'results': results, 'inputs': inputs,
+            'steps': res.report['steps'],
+            'pool': {'name': pool.name, 'models': pool.names, 'info': pool.info, 'input_dtypes': pool.input_dtypes,
+                     'computed_in': computed_in},
+            'taskpool': {'name': tasks.name, 'tasks': task_info},
+            'seed': cfg['seed'], 'device': str(pool.device), 'versions': versions(),
+            'created': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}
+
+# %% ../nbs/07a_pipeline.ipynb #98c5cf5b
+def _save_models(save_model: str|Path, outs: list[StateDict], pool: Pool, name: str, cfg: dict) -> list[str]:
+    "Save the output model(s) as checkpoints carrying the config (a pool: PATH_<i>); return the files."
+    sp = Path(save_model)
+    files = []
+    # saved in the inputs' dtype when they all had one (an fp16 pool gives fp16 files), else in the computed dtype
+    dt = getattr(torch, pool.input_dtypes[0]) if len(pool.input_dtypes) == 1 else None
+    outs = [{k: v.to(dt) if dt is not None and is_float(v) else v for k, v in sd.items()} for sd in outs]
+    for i, sd in enumerate(outs):
+        p = sp if len(outs) == 1 else sp.with_name(f"{sp.stem}_{i}{sp.suffix or '.safetensors'}")
+        meta = {'method': name, 'config': cfg, 'index': i}
+        files.append(str(save_checkpoint(p, {k: v.cpu() for k, v in sd.items()}, meta)))
+    return files
+
+# %% ../nbs/07a_pipeline.ipynb #f41369a6
 def fuse(cfg: dict, # a run config (`compose`)
          out: str|Path|None=None, # run folder (default runs/fuse/<method>-<modelpool>-<taskpool>-<hash>)
          save_model: str|Path|None=None, # also save the merged model here (.safetensors; a pool: one file per model)
@@ -378,53 +556,33 @@ def fuse(cfg: dict, # a run config (`compose`)
          verbose: bool|None=None, # progress bars of training
         ) -> dict:
     "Run one method on one model pool, evaluate on one task pool, write the JSON report; return it."
-    t0 = time.time(); cfg = _plain(cfg); check_config(cfg)
-    name, params = cfg['method']['name'], {k: v for k, v in cfg['method'].items() if k != 'name'}
-    out = Path(out) if out else Path('runs/fuse')/f"{name}-{cfg['modelpool'].get('name', 'pool')}-{cfg['taskpool'].get('name', 'tasks')}-{config_hash(cfg)[:8]}"
-    if len(cfg['modelpool']['models']) < 2:
-        raise ConfigError(f"model pool '{cfg['modelpool'].get('name', '?')}' has {len(cfg['modelpool']['models'])} model(s); fusing needs at least 2")
-    _writable(out)
-    if save_model: check_save_path(save_model)
-    seed_everything(cfg['seed']); times = {}
-    pool = load_modelpool(cfg['modelpool'], root, cfg['device'], cache, verbose); times['modelpool_s'] = time.time() - t0
-    t = time.time(); tasks = TaskPool.from_config(cfg['taskpool'], root, pool.device); times['taskpool_s'] = time.time() - t
+    t0 = time.time()
+    cfg = _plain(cfg)
+    check_config(cfg)
+    name, params, out = _checked_run(cfg, out, save_model)
     seed_everything(cfg['seed'])
-    t = time.time(); res = merge(pool, name, **params); times['method_s'] = time.time() - t
-    outs = res.state_dicts
-    t = time.time()
-    results = {('merged' if len(outs) == 1 else f'model_{i}'): tasks.evaluate(pool.template, sd) for i, sd in enumerate(outs)}
-    inputs = {}
-    if cfg['evaluate_inputs']:
-        inputs = {n: tasks.evaluate(pool.template, sd) for n, sd in pool.models.items()}
-        if pool.base is not None: inputs['base'] = tasks.evaluate(pool.template, pool.base)
-    times['evaluation_s'] = time.time() - t
-    report = {'method': name, 'paper': METHODS[name].paper, 'config': cfg, 'results': results, 'inputs': inputs,
-              'steps': res.report['steps'],
-              'pool': {'name': pool.name, 'models': pool.names, 'info': pool.info, 'input_dtypes': pool.input_dtypes,
-                       'computed_in': sorted({str(v.dtype).replace('torch.', '') for v in pool.template.state_dict().values() if is_float(v)})},
-              'taskpool': {'name': tasks.name, 'tasks': {n: {'source': d.source, 'n_eval': len(d.split(tasks.split)[0][:tasks.n_eval])}
-                                                          for n, d in tasks.tasks.items()}},
-              'seed': cfg['seed'], 'device': str(pool.device), 'versions': versions(),
-              'created': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}
-    if save_model:
-        sp = Path(save_model); files = []
-        # saved in the inputs' dtype when they all had one (an fp16 pool gives fp16 files), else in the computed dtype
-        dt = getattr(torch, pool.input_dtypes[0]) if len(pool.input_dtypes) == 1 else None
-        outs = [{k: v.to(dt) if dt is not None and is_float(v) else v for k, v in sd.items()} for sd in outs]
-        for i, sd in enumerate(outs):
-            p = sp if len(outs) == 1 else sp.with_name(f"{sp.stem}_{i}{sp.suffix or '.safetensors'}")
-            files.append(str(save_checkpoint(p, {k: v.cpu() for k, v in sd.items()}, {'method': name, 'config': cfg, 'index': i})))
-        report['saved_models'] = files
-    times['total_s'] = time.time() - t0; report['timings'] = times
+    times = {}
+    pool = load_modelpool(cfg['modelpool'], root, cfg['device'], cache, verbose)
+    times['modelpool_s'] = time.time() - t0
+    tasks = _timed(times, 'taskpool_s', TaskPool.from_config, cfg['taskpool'], root, pool.device)
+    seed_everything(cfg['seed'])
+    res = _timed(times, 'method_s', merge, pool, name, **params)
+    results, inputs = _timed(times, 'evaluation_s', _evaluate_all, pool, tasks, res.state_dicts, cfg['evaluate_inputs'])
+    report = _report(cfg, name, res, pool, tasks, results, inputs)
+    if save_model: report['saved_models'] = _save_models(save_model, res.state_dicts, pool, name, cfg)
+    times['total_s'] = time.time() - t0
+    report['timings'] = times
     write_json(ensure_dir(out)/'report.json', report)
     report['out'] = str(out)
     return report
 
+# %% ../nbs/07a_pipeline.ipynb #0701f870
 def report_table(report: dict, # a `fuse` report
                  metric: str='acc', # 'acc' or 'loss'
                 ):
     "A table: one row per input and output model, one column per task (and the average)."
     import pandas as pd
     rows = {**{f"input: {n}": r for n, r in report['inputs'].items()},
-            **{(report['method'] if k == 'merged' else f"{report['method']} {k}"): r for k, r in report['results'].items()}}
+            **{(report['method'] if k == 'merged' else f"{report['method']} {k}"): r
+               for k, r in report['results'].items()}}
     return pd.DataFrame({n: {t: m.get(metric) for t, m in r.items()} for n, r in rows.items()}).T

@@ -10,6 +10,7 @@ from typing import NamedTuple
 from collections.abc import Mapping
 import torch
 from torch import nn, Tensor
+from fastcore.basics import patch
 from .core import *
 from .models import MLP
 
@@ -24,6 +25,7 @@ class SpecError(ModelFusionError, ValueError):
 class SpecWarning(UserWarning):
     "A spec that is valid but does less than it could: feature spaces held fixed for lack of a rule, or nothing to verify."
 
+# %% ../nbs/04_spec.ipynb #c1e800e2
 class Axis(NamedTuple):
     "One place where a feature space appears: `param`'s dimension `dim`, written ('out') or read ('in')."
     param: str
@@ -35,6 +37,7 @@ class Axis(NamedTuple):
         "The indices of `dim` that this axis covers for a space of `n` features."
         return slice(self.offset, self.offset + n * self.block)
 
+# %% ../nbs/04_spec.ipynb #21795bb7
 @dataclass(frozen=True)
 class Group:
     "One feature space: a layer's units, or a whole residual stream."
@@ -47,34 +50,49 @@ class Spec:
     "The transformable feature spaces of an architecture, and the spaces kept fixed (name -> why)."
     groups: dict[str, Group]
     fixed: dict[str, str] = field(default_factory=dict)  # spaces a layer writes that are not groups, with the reason
-    def by_param(self) -> dict[str, list[tuple[str, Axis]]]:
-        "For each parameter, the (group name, axis) pairs that touch it."
-        out = {}
-        for g in self.groups.values():
-            for a in g.axes: out.setdefault(a.param, []).append((g.name, a))
-        return out
-    def check(self, sd: StateDict, # a state dict the spec should describe
-              name: str='model') -> None:
-        "Raise `SpecError` unless every axis of the spec exists in `sd` (a state dict or a module) with the group's size."
-        sd = as_sd(sd, name); bp = self.by_param()
-        for g in self.groups.values():
-            seen = set()
-            for a in g.axes:
-                if (a.param, a.dim, a.offset) in seen: raise SpecError(f"group '{g.name}' lists '{a.param}' dim {a.dim} twice")
-                seen.add((a.param, a.dim, a.offset))
-                if a.role not in ('out', 'in'): raise SpecError(f"group '{g.name}': role must be 'out' or 'in', not {a.role!r}")
-                if a.param not in sd: raise SpecError(f"group '{g.name}' names '{a.param}', which {name} does not have")
-                t = sd[a.param]
-                # a whole dimension written by one space must match exactly; after a concatenation (or an 'in' axis
-                # beside fixed pieces) the span only has to fit
-                whole = a.role == 'out' and a.offset == 0 and all(o.offset == 0 for _, o in bp[a.param] if o.dim == a.dim)
-                if a.dim >= t.ndim or (t.shape[a.dim] != g.size * a.block if whole else t.shape[a.dim] < a.offset + g.size * a.block):
-                    raise SpecError(f"group '{g.name}' expects '{a.param}' to have size {g.size}x{a.block}"
-                                    + (f" at offset {a.offset}" if a.offset else '') + f" on dim {a.dim}, "
-                                    f"but {name}'s tensor has shape {tuple(t.shape)}")
     def __repr__(self):
         fixed = ''.join(f" | fixed {n}: {why}" for n, why in self.fixed.items())
-        return f"Spec({len(self.groups)} groups: " + ', '.join(f"{g.name}[{g.size}]" for g in self.groups.values()) + fixed + ')'
+        groups = ', '.join(f"{g.name}[{g.size}]" for g in self.groups.values())
+        return f"Spec({len(self.groups)} groups: " + groups + fixed + ')'
+
+# %% ../nbs/04_spec.ipynb #f11a5b9a
+@patch
+def by_param(self: Spec) -> dict[str, list[tuple[str, Axis]]]:
+    "For each parameter, the (group name, axis) pairs that touch it."
+    out = {}
+    for g in self.groups.values():
+        for a in g.axes: out.setdefault(a.param, []).append((g.name, a))
+    return out
+
+# %% ../nbs/04_spec.ipynb #d4ebbf07
+def _check_axis(g: Group, a: Axis, sd: StateDict,
+                on_param: list[tuple[str, Axis]], # every (group, axis) on `a.param`
+                name: str) -> None:
+    "Raise `SpecError` unless axis `a` of group `g` has a valid role and fits its tensor in `sd`."
+    if a.role not in ('out', 'in'): raise SpecError(f"group '{g.name}': role must be 'out' or 'in', not {a.role!r}")
+    if a.param not in sd: raise SpecError(f"group '{g.name}' names '{a.param}', which {name} does not have")
+    t = sd[a.param]
+    whole = a.role == 'out' and a.offset == 0 and all(o.offset == 0 for _, o in on_param if o.dim == a.dim)
+    n = g.size * a.block
+    if a.dim >= t.ndim or (t.shape[a.dim] != n if whole else t.shape[a.dim] < a.offset + n):
+        raise SpecError(f"group '{g.name}' expects '{a.param}' to have size {g.size}x{a.block}"
+                        + (f" at offset {a.offset}" if a.offset else '') + f" on dim {a.dim}, "
+                        f"but {name}'s tensor has shape {tuple(t.shape)}")
+
+# %% ../nbs/04_spec.ipynb #acb05a20
+@patch
+def check(self: Spec, sd: StateDict, # a state dict the spec should describe
+          name: str='model') -> None:
+    "Raise `SpecError` unless every axis of the spec exists in `sd` (a state dict or a module) with the group's size."
+    sd = as_sd(sd, name)
+    bp = self.by_param()
+    for g in self.groups.values():
+        seen = set()
+        for a in g.axes:
+            if (a.param, a.dim, a.offset) in seen:
+                raise SpecError(f"group '{g.name}' lists '{a.param}' dim {a.dim} twice")
+            seen.add((a.param, a.dim, a.offset))
+            _check_axis(g, a, sd, bp[a.param], name)
 
 # %% ../nbs/04_spec.ipynb #e07091c8
 _NORMS_1D = (nn.BatchNorm1d, nn.LayerNorm)
@@ -87,11 +105,14 @@ def mlp_spec(model: MLP, # an MLP (any widths, any norm)
         p = f'layers.{name}'
         if isinstance(m, nn.Linear):
             if cur is not None:
-                cur[2].append(Axis(f'{p}.weight', 1, 'in')); groups[cur[0]] = Group(cur[0], cur[1], tuple(cur[2]))
-            cur = (p, m.out_features, [Axis(f'{p}.weight', 0, 'out')] + ([Axis(f'{p}.bias', 0, 'out')] if m.bias is not None else []))
+                cur[2].append(Axis(f'{p}.weight', 1, 'in'))
+                groups[cur[0]] = Group(cur[0], cur[1], tuple(cur[2]))
+            bias = [Axis(f'{p}.bias', 0, 'out')] if m.bias is not None else []
+            cur = (p, m.out_features, [Axis(f'{p}.weight', 0, 'out')] + bias)
         elif isinstance(m, _NORMS_1D):
             names = ['weight', 'bias'] + (['running_mean', 'running_var'] if isinstance(m, nn.BatchNorm1d) else [])
-            cur[2].extend(Axis(f'{p}.{n}', 0, 'out') for n in names if n in dict(m.named_parameters()) | dict(m.named_buffers()))
+            have = dict(m.named_parameters()) | dict(m.named_buffers())
+            cur[2].extend(Axis(f'{p}.{n}', 0, 'out') for n in names if n in have)
         elif not isinstance(m, (nn.ReLU, nn.Identity, nn.Dropout)):
             raise SpecError(f"mlp_spec does not know layer '{p}' ({type(m).__name__}); write the spec by hand")
     return Spec(groups, {cur[0]: "the network's output"} if cur else {})
@@ -104,7 +125,8 @@ class Transform:
     unmerge: Tensor|None = None
     def __post_init__(self):
         if self.is_perm:
-            if self.merge.ndim != 1 or not torch.equal(self.merge.sort().values, torch.arange(len(self.merge), device=self.merge.device)):
+            m = self.merge
+            if m.ndim != 1 or not torch.equal(m.sort().values, torch.arange(len(m), device=m.device)):
                 raise ValueError("a permutation transform needs an index vector holding each of 0..n-1 once")
         else:
             if self.merge.ndim != 2: raise ValueError(f"merge must be (k, n), got shape {tuple(self.merge.shape)}")
@@ -112,46 +134,67 @@ class Transform:
                 raise ValueError(f"unmerge must be (n, k) = {tuple(self.merge.shape[::-1])}")
     @property
     def is_perm(self) -> bool: return not self.merge.is_floating_point()
-    @property
-    def shape(self) -> tuple[int, int]:
-        "(k, n): size of the common space, size of the model's space."
-        return (len(self.merge), len(self.merge)) if self.is_perm else tuple(self.merge.shape)
     @classmethod
     def perm(cls, p: Tensor|list[int]) -> Transform:
         "A permutation: unit i of the common space is unit p[i] of the model."
         return cls(torch.as_tensor(p, dtype=torch.long))
     @classmethod
     def identity(cls, n: int) -> Transform: return cls.perm(torch.arange(n))
-    def matrices(self, dtype=torch.float32) -> tuple[Tensor, Tensor]:
-        "Dense (merge k×n, unmerge n×k)."
-        if not self.is_perm: return self.merge.to(dtype), self.unmerge.to(dtype)
-        P = torch.zeros(len(self.merge), len(self.merge), dtype=dtype, device=self.merge.device)
-        P[torch.arange(len(self.merge)), self.merge] = 1
-        return P, P.T.contiguous()
-    def inverse(self) -> Transform:
-        "The inverse permutation (only for permutations)."
-        if not self.is_perm: raise ValueError("only permutations have an exact inverse; use unmerge")
-        return Transform.perm(torch.argsort(self.merge))
 
 Alignment = dict[str, Transform]
 
+# %% ../nbs/04_spec.ipynb #35c4a3a5
+@patch(as_prop=True)
+def shape(self: Transform) -> tuple[int, int]:
+    "(k, n): size of the common space, size of the model's space."
+    return (len(self.merge), len(self.merge)) if self.is_perm else tuple(self.merge.shape)
+
+@patch
+def matrices(self: Transform, dtype=torch.float32) -> tuple[Tensor, Tensor]:
+    "Dense (merge k×n, unmerge n×k)."
+    if not self.is_perm: return self.merge.to(dtype), self.unmerge.to(dtype)
+    P = torch.zeros(len(self.merge), len(self.merge), dtype=dtype, device=self.merge.device)
+    P[torch.arange(len(self.merge)), self.merge] = 1
+    return P, P.T.contiguous()
+
+@patch
+def inverse(self: Transform) -> Transform:
+    "The inverse permutation (only for permutations)."
+    if not self.is_perm: raise ValueError("only permutations have an exact inverse; use unmerge")
+    return Transform.perm(torch.argsort(self.merge))
+
 # %% ../nbs/04_spec.ipynb #39afdda0
-def _apply_axis(w: Tensor, a: Axis, t: Transform, n: int) -> Tensor:
+def _apply_span(w: Tensor, a: Axis, t: Transform, n: int) -> Tensor:
+    "A concatenation: transform the span of axis `a` on its dim, keep the rest."
+    d, s = a.dim, a.span(n)
+    parts = w.split([s.start, s.stop - s.start, w.shape[d] - s.stop], d)
+    return torch.cat([parts[0], _apply_axis(parts[1], a._replace(offset=0), t, n), parts[2]], d)
+
+def _apply_perm(w: Tensor, a: Axis, t: Transform) -> Tensor:
+    "A permutation as an `index_select`; on a `block` axis, whole blocks move."
     d, b = a.dim, a.block
-    if a.offset or w.shape[d] != n * b:  # a concatenation: transform the span, keep the rest
-        s = a.span(n); parts = w.split([s.start, s.stop - s.start, w.shape[d] - s.stop], d)
-        return torch.cat([parts[0], _apply_axis(parts[1], a._replace(offset=0), t, n), parts[2]], d)
-    if t.is_perm:
-        idx = t.merge.to(w.device)
-        if b > 1: idx = (idx[:, None] * b + torch.arange(b, device=w.device)).reshape(-1)
-        return w.index_select(d, idx)
+    idx = t.merge.to(w.device)
+    if b > 1: idx = (idx[:, None] * b + torch.arange(b, device=w.device)).reshape(-1)
+    return w.index_select(d, idx)
+
+# %% ../nbs/04_spec.ipynb #6f8807b3
+def _apply_matrix(w: Tensor, a: Axis, t: Transform, n: int) -> Tensor:
+    "A general map: 'out' axes get M (M∘M for running variances), 'in' axes U; a `block` axis as (features, block)."
+    d, b = a.dim, a.block
     M, U = t.matrices(torch.float32)
     A = (M*M if a.param.endswith('running_var') else M) if a.role == 'out' else U.T
-    x = w.movedim(d, 0); rest = x.shape[1:]
+    x = w.movedim(d, 0)
+    rest = x.shape[1:]
     x = x.reshape(n, b, -1).to(torch.float32)
     x = torch.einsum('kn,nbr->kbr', A.to(w.device), x)
     return x.reshape(len(A) * b, *rest).movedim(0, d).to(w.dtype)
 
+def _apply_axis(w: Tensor, a: Axis, t: Transform, n: int) -> Tensor:
+    "Tensor `w` with axis `a` mapped by `t` (a transform of a group of `n` features)."
+    if a.offset or w.shape[a.dim] != n * a.block: return _apply_span(w, a, t, n)
+    return _apply_perm(w, a, t) if t.is_perm else _apply_matrix(w, a, t, n)
+
+# %% ../nbs/04_spec.ipynb #5cb9624a
 def _state(sd, name: str='model') -> StateDict:
     "`as_sd(sd)`, except that a dict's own tensors are kept (not detached), so gradients can flow through `apply`."
     d = as_sd(sd, name)
@@ -162,11 +205,15 @@ def apply(sd: StateDict|nn.Module, # a state dict (or a module, whose state dict
           alignment: Alignment, # group name -> transform (groups left out stay as they are)
          ) -> StateDict:
     "Map `sd` into the common space of `alignment`. Returns a new state dict; `sd` is not modified."
-    out = _state(sd); spec.check(out)
+    out = _state(sd)
+    spec.check(out)
     for name, t in alignment.items():
-        if name not in spec.groups: raise SpecError(f"alignment names group '{name}', which the spec does not have; groups: {list(spec.groups)}")
+        if name not in spec.groups:
+            raise SpecError(f"alignment names group '{name}', which the spec does not have; "
+                            f"groups: {list(spec.groups)}")
         g = spec.groups[name]
-        if t.shape[1] != g.size: raise SpecError(f"transform for group '{name}' maps {t.shape[1]} features, the group has {g.size}")
+        if t.shape[1] != g.size:
+            raise SpecError(f"transform for group '{name}' maps {t.shape[1]} features, the group has {g.size}")
         for a in g.axes: out[a.param] = _apply_axis(out[a.param], a, t, g.size)
     return out
 
@@ -178,6 +225,7 @@ def random_alignment(spec: Spec, # the spec
     g = torch.Generator().manual_seed(seed)
     return {n: Transform.perm(torch.randperm(grp.size, generator=g)) for n, grp in spec.groups.items()}
 
+# %% ../nbs/04_spec.ipynb #50e04ed2
 def _need_module(model, fn: str, # the function that needs it
                  why: str, # what it does with the module
                  todo: str="build the model and load the state dict into it") -> None:
@@ -186,6 +234,24 @@ def _need_module(model, fn: str, # the function that needs it
     got = "a state dict only has the weights" if isinstance(model, Mapping) else f"got a {type(model).__name__}"
     raise NotAModel(f"{fn} needs the model as an nn.Module ({why}); {got} — {todo}")
 
+# %% ../nbs/04_spec.ipynb #9a04c424
+def _verify(model: nn.Module, spec: Spec, x: Tensor, seed: int, rtol: float, atol: float) -> None:
+    "Raise `SpecError` naming the first group whose random permutation changes `model`'s outputs on `x`."
+    sd = model.state_dict()
+    spec.check(sd)
+    ref = model(x)
+    al = random_alignment(spec, seed)
+    call = lambda s: torch.func.functional_call(model, s, (x,))
+    if torch.allclose(call(apply(sd, spec, al)), ref, rtol=rtol, atol=atol): return
+    for name in spec.groups:
+        if not torch.allclose(call(apply(sd, spec, {name: al[name]})), ref, rtol=rtol, atol=atol):
+            raise SpecError(f"spec fails verification: permuting group '{name}' changes the model's outputs "
+                            f"(axes: {[tuple(a) for a in spec.groups[name].axes]}). "
+                            "A tensor that reads or writes this space is missing or wrong.")
+    raise SpecError("spec fails verification: the joint permutation of all groups changes the outputs, "
+                    "though each group alone does not")
+
+# %% ../nbs/04_spec.ipynb #7afca3a4
 @torch.no_grad()
 def verify_spec(model: nn.Module, # the model the spec describes
                 spec: Spec, # the spec to check
@@ -200,15 +266,7 @@ def verify_spec(model: nn.Module, # the model the spec describes
         warnings.warn("verify_spec checked nothing: the spec has no groups, so no permutation was tried"
                       + (f" (fixed: {', '.join(spec.fixed)})" if spec.fixed else ''), SpecWarning, stacklevel=2)
         return
-    was_training = model.training; model.eval()
-    try:
-        sd = model.state_dict(); spec.check(sd)
-        ref = model(x); al = random_alignment(spec, seed)
-        call = lambda s: torch.func.functional_call(model, s, (x,))
-        if torch.allclose(call(apply(sd, spec, al)), ref, rtol=rtol, atol=atol): return
-        for name in spec.groups:
-            if not torch.allclose(call(apply(sd, spec, {name: al[name]})), ref, rtol=rtol, atol=atol):
-                raise SpecError(f"spec fails verification: permuting group '{name}' changes the model's outputs "
-                                f"(axes: {[tuple(a) for a in spec.groups[name].axes]}). A tensor that reads or writes this space is missing or wrong.")
-        raise SpecError("spec fails verification: the joint permutation of all groups changes the outputs, though each group alone does not")
+    was_training = model.training
+    model.eval()
+    try: _verify(model, spec, x, seed, rtol, atol)
     finally: model.train(was_training)

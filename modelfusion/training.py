@@ -11,6 +11,7 @@ import torch
 from torch import nn, Tensor
 import torch.nn.functional as F
 import hashlib
+from fastcore.basics import patch
 from safetensors.torch import save_file, load_file
 from safetensors import SafetensorError, safe_open
 from .core import *
@@ -32,17 +33,19 @@ class TrainConfig:
     momentum: float = 0.9  # SGD momentum
     nesterov: bool = False  # SGD Nesterov momentum
     weight_decay: float = 0.0
-    schedule: str = 'cosine'  # 'cosine' (linear warm-up, then cosine to 0), 'onecycle' (linear up, linear down) or 'constant'
+    schedule: str = 'cosine'  # 'cosine' (linear warm-up, cosine to 0), 'onecycle' (linear up, then down) or 'constant'
     warmup: float = 0.0  # warm-up length as a fraction of all steps (cosine); peak position for onecycle
     label_smoothing: float = 0.0
     augment: bool = True  # use the data set's augmentation ('crop_flip' for CIFAR) if it has one
     amp: bool = True  # bf16 autocast on CUDA (ignored on the CPU)
     def __post_init__(self):
-        if self.optimizer not in ('adam', 'sgd'): raise UnknownName(f"unknown optimizer '{self.optimizer}'; known: adam, sgd")
+        if self.optimizer not in ('adam', 'sgd'):
+            raise UnknownName(f"unknown optimizer '{self.optimizer}'; known: adam, sgd")
         if self.schedule not in ('cosine', 'onecycle', 'constant'):
             raise UnknownName(f"unknown schedule '{self.schedule}'; known: constant, cosine, onecycle")
         if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0: raise ValueError(f"bad training config: {self}")
 
+# %% ../nbs/03_training.ipynb #e9067cfc
 def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
     "The learning-rate multiplier at `step` of `total`."
     t = step / max(1, total)
@@ -62,13 +65,15 @@ def loss_acc(model: nn.Module, # a module (put into eval mode here)
              amp: bool=True, # bf16 autocast on CUDA
             ) -> dict[str, float]:
     "Mean cross-entropy loss and accuracy of `model` on (x, y)."
-    model.eval(); dev = x.device
+    model.eval()
+    dev = x.device
     loss, correct = torch.zeros((), device=dev), torch.zeros((), device=dev, dtype=torch.long)
     for i in range(0, len(x), batch_size):
         xb, yb = x[i:i+batch_size], y[i:i+batch_size]
         with autocast(dev, amp): out = model(xb)
         out = out.float()
-        loss += F.cross_entropy(out, yb, reduction='sum'); correct += (out.argmax(1) == yb).sum()
+        loss += F.cross_entropy(out, yb, reduction='sum')
+        correct += (out.argmax(1) == yb).sum()
     return {'loss': loss.item() / len(x), 'acc': correct.item() / len(x)}
 
 # %% ../nbs/03_training.ipynb #97d866e6
@@ -84,6 +89,52 @@ def model_config(name: str, # registered model name
     else: cfg['in_channels'] = data.input_shape[0]
     return cfg
 
+# %% ../nbs/03_training.ipynb #04c00684
+def _initial_model(model_cfg: dict, dev: torch.device, init: dict|None) -> nn.Module:
+    "A fresh model from `model_cfg` on `dev`, loaded with the weights `init` (checked first) when given."
+    model = build_model(model_cfg).to(dev)
+    if init is not None:
+        check_compatible([model.state_dict(), init], ['the model config', 'the initial weights'])
+        check_finite(init, 'the initial weights')
+        model.load_state_dict(init)
+    return model
+
+def _make_optimizer(params: list, cfg: TrainConfig) -> torch.optim.Optimizer:
+    "The optimiser `cfg` asks for, over `params`."
+    if cfg.optimizer == 'sgd':
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                               weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+# %% ../nbs/03_training.ipynb #615efaf1
+def _train_epoch(model: nn.Module, loader: TensorLoader, opt, sched, cfg: TrainConfig, dev: torch.device,
+                 epoch: int) -> float:
+    "One pass over `loader`; the mean training loss, read once at the end. `TrainingDiverged` if it is not finite."
+    model.train()
+    running = torch.zeros((), device=dev)
+    for xb, yb in loader:
+        with autocast(dev, cfg.amp): out = model(xb)
+        loss = F.cross_entropy(out.float(), yb, label_smoothing=cfg.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        running += loss.detach() * len(yb)
+    ep_loss = running.item() / len(loader.x)  # one host sync per epoch
+    if not math.isfinite(ep_loss):
+        raise TrainingDiverged(f"training loss is {ep_loss} in epoch {epoch + 1}; "
+                               f"lower the learning rate (lr={cfg.lr})")
+    return ep_loss
+
+# %% ../nbs/03_training.ipynb #2cde1a5a
+def _fit_metrics(model: nn.Module, data: Data, cfg: TrainConfig, history: list, train_time: float) -> dict:
+    "Per-epoch train loss, speed, and the final train and test loss and accuracy."
+    return {'train_loss_history': history, 'train_time_s': train_time,
+            'samples_per_s': cfg.epochs * len(data.x_train) / max(train_time, 1e-9),
+            **{f'train_{k}': v for k, v in loss_acc(model, data.x_train, data.y_train, amp=cfg.amp).items()},
+            **{f'test_{k}': v for k, v in loss_acc(model, data.x_test, data.y_test, amp=cfg.amp).items()}}
+
+# %% ../nbs/03_training.ipynb #839d39e8
 def fit(model_cfg: dict, # model config, e.g. model_config('mlp', data, widths=[512]*3)
         data: Data, # training and test data
         cfg: TrainConfig=TrainConfig(), # how to train
@@ -95,37 +146,20 @@ def fit(model_cfg: dict, # model config, e.g. model_config('mlp', data, widths=[
     "Train a model; return its CPU state dict and metrics (per-epoch train loss, final train/test loss and accuracy)."
     dev = get_device(device)
     seed_everything(seed)
-    model = build_model(model_cfg).to(dev)
-    if init is not None:
-        check_compatible([model.state_dict(), init], ['the model config', 'the initial weights']); check_finite(init, 'the initial weights')
-        model.load_state_dict(init)
+    model = _initial_model(model_cfg, dev, init)
     data = data.to(dev)
     loader = TensorLoader(data.x_train, data.y_train, cfg.batch_size, shuffle=True, seed=seed,
                           augment=data.augment if cfg.augment else None)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.optimizer == 'sgd':
-        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
-    else: opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = _make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
     total = cfg.epochs * len(loader)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, cfg))
     history, t0 = [], time.time()
     bar = progress(range(cfg.epochs), verbose, desc=f"training {model_cfg.get('name')} seed {seed}", leave=False)
     for epoch in bar:
-        model.train(); running = torch.zeros((), device=dev)
-        for xb, yb in loader:
-            with autocast(dev, cfg.amp): out = model(xb)
-            loss = F.cross_entropy(out.float(), yb, label_smoothing=cfg.label_smoothing)
-            opt.zero_grad(set_to_none=True); loss.backward(); opt.step(); sched.step()
-            running += loss.detach() * len(yb)
-        ep_loss = running.item() / len(data.x_train)  # one host sync per epoch
-        if not math.isfinite(ep_loss):
-            raise TrainingDiverged(f"training loss is {ep_loss} in epoch {epoch + 1}; lower the learning rate (lr={cfg.lr})")
-        history.append(ep_loss); bar.set_postfix(loss=f"{ep_loss:.4f}")
-    train_time = time.time() - t0
-    metrics = {'train_loss_history': history, 'train_time_s': train_time,
-               'samples_per_s': cfg.epochs * len(data.x_train) / max(train_time, 1e-9),
-               **{f'train_{k}': v for k, v in loss_acc(model, data.x_train, data.y_train, amp=cfg.amp).items()},
-               **{f'test_{k}': v for k, v in loss_acc(model, data.x_test, data.y_test, amp=cfg.amp).items()}}
+        ep_loss = _train_epoch(model, loader, opt, sched, cfg, dev, epoch)
+        history.append(ep_loss)
+        bar.set_postfix(loss=f"{ep_loss:.4f}")
+    metrics = _fit_metrics(model, data, cfg, history, time.time() - t0)
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, metrics
 
 # %% ../nbs/03_training.ipynb #d671bec1
@@ -136,9 +170,11 @@ def tensors_sha256(sd: dict) -> str:
     h = hashlib.sha256()
     for k in sorted(sd):
         t = sd[k].detach().cpu().contiguous()
-        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode()); h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
+# %% ../nbs/03_training.ipynb #dc058327
 def save_checkpoint(path: str|Path, # the .safetensors file to write
                     sd: dict, # the state dict
                     meta: dict|None=None, # JSON-serialisable metadata (config, metrics, ...)
@@ -149,23 +185,27 @@ def save_checkpoint(path: str|Path, # the .safetensors file to write
     check_finite(sd, f"state dict for {path.name}")
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in sd.items()}
     meta = {**(meta or {}), 'versions': versions()}
-    header = {'format': 'modelfusion', 'meta': json.dumps(meta, default=str), 'tensors_sha256': tensors_sha256(tensors)}
+    header = {'format': 'modelfusion', 'meta': json.dumps(meta, default=str),
+              'tensors_sha256': tensors_sha256(tensors)}
     with atomic_path(path) as tmp: save_file(tensors, str(tmp), metadata=header)
     write_json(_sidecar(path), meta)
     return path
 
+# %% ../nbs/03_training.ipynb #b6c015f9
 def _refuse_pickle(path: Path) -> None:
-    "Raise `CheckpointError` when `path` is a `torch.save` file (a zip archive or a raw pickle), which is never unpickled."
+    "Raise `CheckpointError` when `path` is a `torch.save` file (a zip archive or a raw pickle): it is never unpickled."
     with open(path, 'rb') as f: head = f.read(9)
     if head[8:9] == b'{': return  # safetensors: an 8-byte header length, then the JSON header
     if head[:4] == b'PK\x03\x04' or (head[:1] == b'\x80' and head[1:2] in (b'\x02', b'\x03', b'\x04', b'\x05')):
-        out = path.with_suffix('.safetensors') if path.suffix != '.safetensors' else path.with_name(path.stem + '_converted.safetensors')
+        out = (path.with_suffix('.safetensors') if path.suffix != '.safetensors'
+               else path.with_name(path.stem + '_converted.safetensors'))
         raise CheckpointError(
-            f"{path} is a torch.save pickle, not a safetensors file; modelfusion never unpickles files (unpickling can run "
-            f"arbitrary code). If you trust it, convert it once: python -c \"import torch; from safetensors.torch import "
-            f"save_file; sd = torch.load('{path}', weights_only=True); sd = sd.get('state_dict', sd); "
-            f"save_file({{k: v.contiguous() for k, v in sd.items()}}, '{out}')\"")
+            f"{path} is a torch.save pickle, not a safetensors file; modelfusion never unpickles files "
+            f"(unpickling can run arbitrary code). If you trust it, convert it once: python -c \"import torch; "
+            f"from safetensors.torch import save_file; sd = torch.load('{path}', weights_only=True); "
+            f"sd = sd.get('state_dict', sd); save_file({{k: v.contiguous() for k, v in sd.items()}}, '{out}')\"")
 
+# %% ../nbs/03_training.ipynb #e53944ac
 def load_checkpoint(path: str|Path, # a .safetensors file (written by save_checkpoint, or any safetensors file)
                     verify: bool=True, # check the tensors against the SHA-256 in the header
                    ) -> tuple[dict, dict]:
@@ -179,7 +219,8 @@ def load_checkpoint(path: str|Path, # a .safetensors file (written by save_check
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"checkpoint {path} is truncated or not a safetensors file ({e})") from None
     if verify and 'tensors_sha256' in header and tensors_sha256(sd) != header['tensors_sha256']:
-        raise CheckpointError(f"checkpoint {path} is corrupted: its tensors do not match the SHA-256 recorded in its header")
+        raise CheckpointError(f"checkpoint {path} is corrupted: "
+                              "its tensors do not match the SHA-256 recorded in its header")
     try: meta = json.loads(header.get('meta', '{}'))
     except json.JSONDecodeError as e: raise CheckpointError(f"checkpoint {path} has a corrupted header: {e}") from None
     return sd, meta
@@ -193,25 +234,38 @@ class Trained:
     from_cache: bool
     path: Path|None = None
 
+# %% ../nbs/03_training.ipynb #1b2fcc65
 class ModelCache:
     "Trained models stored as checkpoints under a hash of (model config, data, training config, seed)."
     def __init__(self, root: str|Path|None=None): self.root = Path(root) if root else cache_dir('models')
     def key(self, model_cfg: dict, data: Data, cfg: TrainConfig, seed: int, init: dict|None=None) -> str:
-        extra = {'init': tensors_sha256(init)} if init is not None else {}  # fine-tuned models are keyed by their start
-        return config_hash({'model': model_cfg, 'data': [data.name, data.fingerprint], 'train': asdict(cfg), 'seed': seed, 'format': 2, **extra})
+        "The cache key: a hash of the model config, the data's fingerprint, the training config and the seed."
+        # fine-tuned models are keyed by their start too
+        extra = {'init': tensors_sha256(init)} if init is not None else {}
+        return config_hash({'model': model_cfg, 'data': [data.name, data.fingerprint], 'train': asdict(cfg),
+                            'seed': seed, 'format': 2, **extra})
     def path(self, key: str) -> Path: return self.root/key[:2]/f'{key}.safetensors'
-    def get(self, key: str) -> Trained|None:
-        "The cached model, or None; a damaged entry is reported and treated as missing."
-        p = self.path(key)
-        if not p.exists(): return None
-        try: sd, meta = load_checkpoint(p)
-        except CheckpointError as e:
-            warnings.warn(f"ignoring a damaged cache entry ({e}); the model will be trained again"); return None
-        return Trained(sd, meta, True, p)
-    def put(self, key: str, sd: dict, meta: dict) -> Path: return save_checkpoint(self.path(key), sd, meta)
     def __contains__(self, key: str) -> bool: return self.path(key).exists()
     def __repr__(self): return f"ModelCache({self.root})"
 
+# %% ../nbs/03_training.ipynb #27e5c1fc
+@patch
+def get(self: ModelCache, key: str) -> Trained|None:
+    "The cached model, or None; a damaged entry is reported and treated as missing."
+    p = self.path(key)
+    if not p.exists(): return None
+    try: sd, meta = load_checkpoint(p)
+    except CheckpointError as e:
+        warnings.warn(f"ignoring a damaged cache entry ({e}); the model will be trained again")
+        return None
+    return Trained(sd, meta, True, p)
+
+@patch
+def put(self: ModelCache, key: str, sd: dict, meta: dict) -> Path:
+    "Store a trained model under `key`."
+    return save_checkpoint(self.path(key), sd, meta)
+
+# %% ../nbs/03_training.ipynb #76363252
 def train(model_cfg: dict, # model config (see `model_config`)
           data: Data, # training data
           cfg: TrainConfig=TrainConfig(), # training config
@@ -233,6 +287,20 @@ def train(model_cfg: dict, # model config (see `model_config`)
     path = cache.put(key, sd, meta) if cache else None
     return Trained(sd, meta, False, path)
 
+# %% ../nbs/03_training.ipynb #0496cefe
+def _median_seconds(step, # a function to time
+                    sync, # called after each step (a CUDA synchronisation), inside the timing
+                    n: int, # timed calls
+                   ) -> float:
+    "Median wall time of `n` calls of `step`, after two untimed warm-up calls."
+    times = []
+    for i in range(n + 2):
+        t = time.perf_counter()
+        step()
+        sync()
+        if i >= 2: times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
 # %% ../nbs/03_training.ipynb #1765217c
 def estimate_train_time(model_cfg: dict, # model config
                         data: Data, # training data (its size and input shape)
@@ -241,18 +309,19 @@ def estimate_train_time(model_cfg: dict, # model config
                         steps: int=5, # timed training steps (after two warm-up steps); the median counts
                        ) -> float:
     "Seconds that `fit` will take, estimated from a few timed training steps on random batches of the data."
-    dev = get_device(device); model = build_model(model_cfg).to(dev).train()
-    opt = torch.optim.SGD(model.parameters(), lr=1e-6) if cfg.optimizer == 'sgd' else torch.optim.Adam(model.parameters(), lr=1e-6)
-    g = torch.Generator().manual_seed(0); bs = min(cfg.batch_size, len(data.x_train))
+    dev = get_device(device)
+    model = build_model(model_cfg).to(dev).train()
+    opt = (torch.optim.SGD(model.parameters(), lr=1e-6) if cfg.optimizer == 'sgd'
+           else torch.optim.Adam(model.parameters(), lr=1e-6))
+    g = torch.Generator().manual_seed(0)
+    bs = min(cfg.batch_size, len(data.x_train))
     def step():
         i = torch.randint(0, len(data.x_train), (bs,), generator=g)
         xb, yb = data.x_train[i].to(dev), data.y_train[i].to(dev)
         with autocast(dev, cfg.amp): loss = F.cross_entropy(model(xb).float(), yb)
-        opt.zero_grad(); loss.backward(); opt.step()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == 'cuda' else (lambda: None)
-    times = []
-    for i in range(steps + 2):
-        t = time.perf_counter(); step(); sync()
-        if i >= 2: times.append(time.perf_counter() - t)
-    per_sample = sorted(times)[len(times) // 2] / bs
+    per_sample = _median_seconds(step, sync, steps) / bs
     return per_sample * len(data.x_train) * (cfg.epochs + 0.5)  # + the final train/test evaluation, about half an epoch

@@ -18,19 +18,52 @@ from .weight_matching import weight_matching
 # %% auto #0
 __all__ = ['STE_PROFILES', 'activation_stats', 'activation_matching', 'ste_matching']
 
-# %% ../../nbs/methods/activation.ipynb #9e675cde
+# %% ../../nbs/methods/activation.ipynb #b2dbfcc4
 def _reader(template: torch.nn.Module, g: Group) -> tuple[str, Axis]:
     "The module that reads group `g` (first 'in' axis on a weight) and that axis."
     for a in g.axes:
         if a.role == 'in' and a.param.endswith('weight'): return a.param.rsplit('.', 1)[0], a
     raise SpecError(f"group '{g.name}' is never read by a layer's weight, so activation matching cannot observe it")
 
+# %% ../../nbs/methods/activation.ipynb #79dd23d5
 def _features(inp: Tensor, mod: torch.nn.Module, a: Axis, n: int) -> Tensor:
     "The group's features from a reader's input, as (samples, n)."
-    x = inp.reshape(-1, inp.shape[-1]) if isinstance(mod, torch.nn.Linear) else inp.movedim(1, -1).reshape(-1, inp.shape[1])
-    s = a.span(n); x = x[:, s]
-    return x.reshape(-1, n, a.block).transpose(1, 2).reshape(-1, n) if a.block > 1 else x
+    if isinstance(mod, torch.nn.Linear): x = inp.reshape(-1, inp.shape[-1])
+    else: x = inp.movedim(1, -1).reshape(-1, inp.shape[1])
+    x = x[:, a.span(n)]
+    if a.block > 1: return x.reshape(-1, n, a.block).transpose(1, 2).reshape(-1, n)
+    return x
 
+# %% ../../nbs/methods/activation.ipynb #77343343
+def _group_features(m: torch.nn.Module, readers: dict[str, tuple[str, Axis]], spec: Spec,
+                    xb: Tensor) -> dict[str, Tensor]:
+    "Every group's features, as (samples, units) in float64, from one forward pass of `m` on `xb`."
+    got, hooks = {}, []
+    for n, (mod, a) in readers.items():
+        sub = m.get_submodule(mod)
+        def store(s, inp, n=n, a=a, sub=sub): got[n] = _features(inp[0], sub, a, spec.groups[n].size).double()
+        hooks.append(sub.register_forward_pre_hook(store))
+    try:
+        m(xb)
+    finally:
+        for h in hooks: h.remove()
+    return got
+
+# %% ../../nbs/methods/activation.ipynb #63dc4e32
+def _sums(a: Tensor, b: Tensor) -> dict[str, Tensor]:
+    "One batch's sums: Σa, Σb, Σa², Σb², Σ aᵀb and the number of samples."
+    return {'sa': a.sum(0), 'sb': b.sum(0), 'qa': (a * a).sum(0), 'qb': (b * b).sum(0), 'ab': a.T @ b,
+            'n': torch.tensor(float(len(a)), device=a.device, dtype=torch.float64)}
+
+def _moments(s: dict[str, Tensor]) -> dict[str, Tensor]:
+    "Means, stds, the cross-covariance and E[a b] from the sums."
+    N = s['n']
+    ma, mb = s['sa'] / N, s['sb'] / N
+    return {'mean_a': ma, 'mean_b': mb, 'std_a': (s['qa'] / N - ma ** 2).clamp_min(0).sqrt(),
+            'std_b': (s['qb'] / N - mb ** 2).clamp_min(0).sqrt(), 'cov': s['ab'] / N - ma[:, None] * mb[None],
+            'dot': s['ab'] / N}
+
+# %% ../../nbs/methods/activation.ipynb #fbb5e820
 @torch.no_grad()
 def activation_stats(template: torch.nn.Module, # the architecture
                      sds: list[StateDict], # two models
@@ -39,34 +72,22 @@ def activation_stats(template: torch.nn.Module, # the architecture
                      batch_size: int=500, # samples per forward pass
                     ) -> dict[str, dict[str, Tensor]]:
     "Per group: means, stds and the cross-covariance of model 0's and model 1's features."
-    sds = as_sds(sds, ['model A', 'model B']); models = []
-    for sd in sds:
-        m = copy.deepcopy(template).to(x.device); m.load_state_dict(sd); models.append(m.eval())
+    models = []
+    for sd in as_sds(sds, ['model A', 'model B']):
+        m = copy.deepcopy(template).to(x.device)
+        m.load_state_dict(sd)
+        models.append(m.eval())
     readers = {n: _reader(template, g) for n, g in spec.groups.items()}
     acc = {n: None for n in spec.groups}
-    def run(m):
-        got, hooks = {}, []
-        for n, (mod, a) in readers.items():
-            sub = m.get_submodule(mod)
-            hooks.append(sub.register_forward_pre_hook(lambda s, inp, n=n, a=a, sub=sub: got.__setitem__(n, _features(inp[0], sub, a, spec.groups[n].size).double())))
-        try:
-            m(xb)
-        finally:
-            for h in hooks: h.remove()
-        return got
     for i in range(0, len(x), batch_size):
-        xb = x[i:i + batch_size]; fa, fb = run(models[0]), run(models[1])
+        xb = x[i:i + batch_size]
+        fa, fb = _group_features(models[0], readers, spec, xb), _group_features(models[1], readers, spec, xb)
         for n in spec.groups:
-            a, b = fa[n], fb[n]
-            upd = {'sa': a.sum(0), 'sb': b.sum(0), 'qa': (a * a).sum(0), 'qb': (b * b).sum(0), 'ab': a.T @ b, 'n': torch.tensor(float(len(a)), device=a.device, dtype=torch.float64)}
+            upd = _sums(fa[n], fb[n])
             acc[n] = upd if acc[n] is None else {k: acc[n][k] + v for k, v in upd.items()}
-    out = {}
-    for n, s in acc.items():
-        N = s['n']; ma, mb = s['sa'] / N, s['sb'] / N
-        out[n] = {'mean_a': ma, 'mean_b': mb, 'std_a': (s['qa'] / N - ma ** 2).clamp_min(0).sqrt(),
-                  'std_b': (s['qb'] / N - mb ** 2).clamp_min(0).sqrt(), 'cov': s['ab'] / N - ma[:, None] * mb[None], 'dot': s['ab'] / N}
-    return out
+    return {n: _moments(s) for n, s in acc.items()}
 
+# %% ../../nbs/methods/activation.ipynb #9e675cde
 @MATCHERS.register('activation', paper='https://arxiv.org/abs/2209.04836', method='activation_matching')
 def activation_matching(sds: list[StateDict], # [reference model A, model B]
                         spec: Spec, # the architecture's spec
@@ -78,10 +99,14 @@ def activation_matching(sds: list[StateDict], # [reference model A, model B]
                        ) -> MatchResult:
     "Git Re-Basin activation matching: per group, the permutation of B's units maximising the correlation with A's."
     if template is None or x is None:
-        raise ValueError("activation matching needs data: pass template=<a module of the architecture> and x=<input batch>")
+        raise ValueError("activation matching needs data: "
+                         "pass template=<a module of the architecture> and x=<input batch>")
     if stat not in ('corr', 'cov', 'dot'): raise UnknownName(f"unknown statistic '{stat}'; known: corr, cov, dot")
-    sds = two_models(sds, 'activation matching'); spec.check(sds[0], 'model A')
-    t0 = time.time(); st = activation_stats(template, sds, spec, x, batch_size); al = {}
+    sds = two_models(sds, 'activation matching')
+    spec.check(sds[0], 'model A')
+    t0 = time.time()
+    st = activation_stats(template, sds, spec, x, batch_size)
+    al = {}
     for n, s in st.items():
         C = s['dot'] if stat == 'dot' else s['cov']
         if stat == 'corr': C = C / (s['std_a'][:, None] * s['std_b'][None] + eps)
@@ -89,29 +114,54 @@ def activation_matching(sds: list[StateDict], # [reference model A, model B]
         al[n] = Transform.perm(torch.as_tensor(col))
     return MatchResult([{}, al], {'time_s': time.time() - t0, 'stat': stat, 'samples': len(x)})
 
-# %% ../../nbs/methods/activation.ipynb #58f293bc
+# %% ../../nbs/methods/activation.ipynb #edeba3d3
 def _midpoint_loss(template, sd_a, sd_b, xb, yb, lam=0.5):
+    "Cross-entropy on (xb, yb) of the point (1-λ)θ_A + λθ_B (non-float buffers from A)."
     sd = {k: (1 - lam) * sd_a[k] + lam * sd_b[k] if sd_a[k].is_floating_point() else sd_a[k] for k in sd_a}
     return torch.nn.functional.cross_entropy(torch.func.functional_call(template, sd, (xb,)), yb)
 
+# %% ../../nbs/methods/activation.ipynb #7f1392fd
 STE_PROFILES = {
-    'fast':  dict(optimizer='adam', lr=1e-3, momentum=0.0, epochs=1, batch_size=500),    # this library's quick default
-    'paper': dict(optimizer='sgd', lr=1e-2, momentum=0.9, epochs=250, batch_size=1000),  # git-re-basin src/mnist_mlp_ste2.py
+    'fast': dict(optimizer='adam', lr=1e-3, momentum=0.0, epochs=1, batch_size=500),  # this library's quick default
+    # git-re-basin src/mnist_mlp_ste2.py
+    'paper': dict(optimizer='sgd', lr=1e-2, momentum=0.9, epochs=250, batch_size=1000),
 }
 
 def _ste_settings(profile: str, **given) -> dict:
     "The profile's settings, overridden by the parameters given (not None)."
-    if profile not in STE_PROFILES: raise UnknownName(f"unknown STE profile '{profile}'; known: {', '.join(sorted(STE_PROFILES))}")
+    if profile not in STE_PROFILES:
+        raise UnknownName(f"unknown STE profile '{profile}'; known: {', '.join(sorted(STE_PROFILES))}")
     cfg = {**STE_PROFILES[profile], **{k: v for k, v in given.items() if v is not None}}
-    if cfg['optimizer'] not in ('adam', 'sgd'): raise UnknownName(f"unknown optimizer '{cfg['optimizer']}'; known: adam, sgd")
+    if cfg['optimizer'] not in ('adam', 'sgd'):
+        raise UnknownName(f"unknown optimizer '{cfg['optimizer']}'; known: adam, sgd")
     return cfg
 
+# %% ../../nbs/methods/activation.ipynb #3f697c13
+def _ste_proxy(A: StateDict, cfg: dict) -> tuple[dict[str, Tensor], torch.optim.Optimizer]:
+    "The proxy θ̃ = θ_A (its trainable tensors, as float) and the optimiser of `cfg`."
+    trainable = [k for k, v in A.items() if v.is_floating_point() and not is_stat(k)]
+    proxy = {k: A[k].clone().float().requires_grad_(True) for k in trainable}
+    if cfg['optimizer'] == 'sgd': return proxy, torch.optim.SGD(proxy.values(), lr=cfg['lr'], momentum=cfg['momentum'])
+    return proxy, torch.optim.Adam(proxy.values(), lr=cfg['lr'])
+
+def _ste_project(sds: list[StateDict], proxy: dict[str, Tensor], spec: Spec, perm: Alignment, seed: int) -> Alignment:
+    "π = WM(θ̃, θ_B), warm-started from the last π (A's other tensors complete the proxy)."
+    cur = {k: v.detach().cpu() for k, v in proxy.items()}
+    return weight_matching([{**sds[0], **cur}, sds[1]], spec, seed=seed, init=perm, report=False).alignments[1]
+
+def _ste_point(proxy: dict[str, Tensor], B: StateDict, spec: Spec, perm: Alignment, dev) -> StateDict:
+    "π(θ_B) in the forward pass, θ̃ in the backward pass."
+    Bp = apply(B, spec, {g: Transform(t.merge.to(dev)) for g, t in perm.items()})
+    return {k: (proxy[k] + (Bp[k] - proxy[k]).detach()) if k in proxy else Bp[k] for k in B}
+
+# %% ../../nbs/methods/activation.ipynb #58f293bc
 @MATCHERS.register('ste', paper='https://arxiv.org/abs/2209.04836', method='ste_matching')
 def ste_matching(sds: list[StateDict], # [reference model A, model B] (modules or state dicts)
                  spec: Spec, # the architecture's spec
                  template: torch.nn.Module|None=None, # a module of the architecture (required)
                  x: Tensor|None=None, y: Tensor|None=None, # training inputs and labels (required)
-                 profile: Literal['fast', 'paper']='fast', # recipe in STE_PROFILES: 'fast' (quick default) or 'paper' (the reference code's)
+                 # recipe in STE_PROFILES: 'fast' (quick default) or 'paper' (the reference code's)
+                 profile: Literal['fast', 'paper']='fast',
                  epochs: int|None=None, # passes over (x, y); None: the profile's
                  batch_size: int|None=None, # samples per step; None: the profile's
                  optimizer: Literal['adam', 'sgd']|None=None, # 'adam' or 'sgd' for the proxy; None: the profile's
@@ -125,25 +175,23 @@ def ste_matching(sds: list[StateDict], # [reference model A, model B] (modules o
         raise ValueError("STE matching needs data: pass template=<a module>, x=<inputs> and y=<labels>")
     cfg = _ste_settings(profile, epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum)
     sds = two_models(sds, 'STE matching')
-    dev = get_device(device); tmpl = template.to(dev).eval()
-    A = {k: v.to(dev) for k, v in sds[0].items()}; B = {k: v.to(dev) for k, v in sds[1].items()}
-    trainable = [k for k, v in A.items() if v.is_floating_point() and not is_stat(k)]
-    proxy = {k: A[k].clone().float().requires_grad_(True) for k in trainable}
-    if cfg['optimizer'] == 'sgd': opt = torch.optim.SGD(proxy.values(), lr=cfg['lr'], momentum=cfg['momentum'])
-    else: opt = torch.optim.Adam(proxy.values(), lr=cfg['lr'])
+    dev = get_device(device)
+    tmpl = template.to(dev).eval()
+    A, B = {k: v.to(dev) for k, v in sds[0].items()}, {k: v.to(dev) for k, v in sds[1].items()}
+    proxy, opt = _ste_proxy(A, cfg)
     loader = TensorLoader(x.to(dev), y.to(dev), cfg['batch_size'], shuffle=True, seed=seed)
     perm = weight_matching([sds[0], sds[1]], spec, seed=seed).alignments[1]  # θ̃ = θ_A at the start
     best, losses, t0 = (float('inf'), perm), [], time.time()
     for _ in range(cfg['epochs']):
         for xb, yb in loader:
-            cur = {k: v.detach().cpu() for k, v in proxy.items()}
-            perm = weight_matching([{**sds[0], **cur}, sds[1]], spec, seed=seed, init=perm, report=False).alignments[1]
-            Bp = apply(B, spec, {g: Transform(t.merge.to(dev)) for g, t in perm.items()})
-            ste = {k: (proxy[k] + (Bp[k] - proxy[k]).detach()) if k in proxy else Bp[k] for k in B}
-            loss = _midpoint_loss(tmpl, A, ste, xb, yb)
-            opt.zero_grad(); loss.backward(); opt.step()
+            perm = _ste_project(sds, proxy, spec, perm, seed)
+            loss = _midpoint_loss(tmpl, A, _ste_point(proxy, B, spec, perm, dev), xb, yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
             losses.append(loss.item())
             if losses[-1] < best[0]: best = (losses[-1], perm)
     used = {'name': type(opt).__name__, **{k: opt.defaults[k] for k in ('lr', 'momentum') if k in opt.defaults}}
-    return MatchResult([{}, best[1]], {'time_s': time.time() - t0, 'steps': len(losses), 'losses': losses, 'best_loss': best[0],
-                                       'settings': {'profile': profile, **cfg}, 'optimizer': used})
+    info = {'time_s': time.time() - t0, 'steps': len(losses), 'losses': losses, 'best_loss': best[0],
+            'settings': {'profile': profile, **cfg}, 'optimizer': used}
+    return MatchResult([{}, best[1]], info)

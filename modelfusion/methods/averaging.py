@@ -21,7 +21,8 @@ def weighted_average(sds: list[StateDict], # models in one common space
     if not sds: raise IncompatibleModels("nothing to merge: the list of models is empty")
     w = [1.0] * len(sds) if weights is None else [float(x) for x in weights]
     if len(w) != len(sds): raise ValueError(f"{len(sds)} models but {len(w)} weights")
-    if sum(w) <= 0 or any(x < 0 for x in w): raise ValueError(f"weights must be non-negative with a positive sum, got {w}")
+    if sum(w) <= 0 or any(x < 0 for x in w):
+        raise ValueError(f"weights must be non-negative with a positive sum, got {w}")
     return sd_combine(sds, [x / sum(w) for x in w])
 
 @METHODS.register('simple_average', paper='https://arxiv.org/abs/2203.05482')

@@ -15,10 +15,12 @@ __all__ = ['layers_of', 'recombine', 'fedmr']
 def layers_of(sd: StateDict, # a state dict
              ) -> dict[str, list[str]]:
     "State-dict keys grouped by the module that owns them (a layer's weight, bias and buffers move together)."
-    sd = as_sd(sd); out: dict[str, list[str]] = {}
+    sd = as_sd(sd)
+    out: dict[str, list[str]] = {}
     for k in sd: out.setdefault(k.rsplit('.', 1)[0] if '.' in k else k, []).append(k)
     return out
 
+# %% ../../nbs/methods/fedmr.ipynb #a0260a42
 def recombine(sds: list[StateDict], # K state dicts of one architecture
               seed: int=0, # seed of the per-layer permutations
              ) -> tuple[list[StateDict], dict[str, list[int]]]:
@@ -29,7 +31,8 @@ def recombine(sds: list[StateDict], # K state dicts of one architecture
     g = torch.Generator().manual_seed(seed)
     out, sources = [dict.fromkeys(sds[0]) for _ in sds], {}  # keys keep their order
     for layer, keys in layers_of(sds[0]).items():
-        perm = torch.randperm(len(sds), generator=g).tolist(); sources[layer] = perm
+        perm = torch.randperm(len(sds), generator=g).tolist()
+        sources[layer] = perm
         for j, src in enumerate(perm):
             for k in keys: out[j][k] = sds[src][k].detach().clone()
     return out, sources

@@ -4,6 +4,7 @@
 
 # %% ../../nbs/methods/fisher_regmean.ipynb #e3700a50
 from __future__ import annotations
+from contextlib import contextmanager
 from typing import Literal
 import torch
 from torch import nn, Tensor
@@ -25,26 +26,126 @@ def _tied_names(model: nn.Module) -> dict[str, str]:
         else: first[id(p)] = n
     return out
 
-def _outer_product_layers(template, lins, params, buffers, xp, ins, outs, calls) -> list[str]:
-    "The Linear layers (of `lins`) whose per-sample gradient is one outer product g·aᵀ, found by a forward pass on `xp`."
+# %% ../../nbs/methods/fisher_regmean.ipynb #9719f259
+@contextmanager
+def _evaluating(model: nn.Module, hooks=()):
+    "`model` in eval mode inside the block; on exit the forward `hooks` (handles) are removed and its mode restored."
+    was = model.training
+    model.eval()
+    try: yield model
+    finally:
+        for h in hooks: h.remove()
+        model.train(was)
+
+# %% ../../nbs/methods/fisher_regmean.ipynb #72126b77
+class _LinearTaps:
+    "Forward hooks on the `Linear` layers whose weight is in `params`: each one's calls, 2-D input and output."
+    def __init__(self, template, params):
+        self.lins = {n: m for n, m in template.named_modules() if isinstance(m, nn.Linear) and f'{n}.weight' in params}
+        self.ins, self.outs, self.calls, self.capture = {}, {}, {}, True
+        self.hooks = [m.register_forward_hook(self._hook(n)) for n, m in self.lins.items()]
+    def clear(self):
+        "Forget the last forward pass."
+        self.ins.clear()
+        self.outs.clear()
+        self.calls.clear()
+    def _hook(self, n):
+        def f(mod, inp, out):
+            if not self.capture: return
+            self.calls[n] = self.calls.get(n, 0) + 1
+            if inp[0].ndim == 2: self.ins[n], self.outs[n] = inp[0].detach(), out
+        return f
+
+def _layer_keys(n, params): return [f'{n}.{w}' for w in ('weight', 'bias') if f'{n}.{w}' in params]
+
+# %% ../../nbs/methods/fisher_regmean.ipynb #b14716ce
+def _adds_up(ref, got):
+    "Whether the outer-product gradients `got` equal the parameters' whole gradients `ref` (None: unused)."
+    return all(a is not None and torch.allclose(a, b, rtol=1e-3, atol=1e-5 * b.abs().max().item() + 1e-12)
+               for a, b in zip(ref, got))
+
+# %% ../../nbs/methods/fisher_regmean.ipynb #fe118921
+def _outer_product_layers(template, taps, params, buffers, xp) -> list[str]:
+    "The layers of `taps` whose per-sample gradient is one outer product g·aᵀ, found by a forward pass on `xp`."
     from torch.func import functional_call
-    ins.clear(); outs.clear(); calls.clear()
+    taps.clear()
     logits = functional_call(template, {**params, **buffers}, (xp,)).float()  # the hooks count each layer's calls
-    tn = _tied_names(template); tied = set(tn) | set(tn.values())
-    ks = {n: [f'{n}.{w}' for w in ('weight', 'bias') if f'{n}.{w}' in params] for n in lins}
-    cand = [n for n in lins if calls.get(n) == 1 and n in ins and outs[n].requires_grad and not tied & set(ks[n])]
+    tn = _tied_names(template)
+    tied = set(tn) | set(tn.values())
+    ks = {n: _layer_keys(n, params) for n in taps.lins}
+    cand = [n for n in taps.lins if taps.calls.get(n) == 1 and n in taps.ins and taps.outs[n].requires_grad
+            and not tied & set(ks[n])]
     if not cand: return []
     # the outer products must add up to the parameters' whole gradient (else a weight is also used elsewhere)
     r = torch.randn(logits.shape, generator=torch.Generator().manual_seed(0)).to(logits.device)
-    gs = torch.autograd.grad((logits * r).sum(), [outs[n] for n in cand] + [params[k] for n in cand for k in ks[n]], allow_unused=True)
+    wrt = [taps.outs[n] for n in cand] + [params[k] for n in cand for k in ks[n]]
+    gs = torch.autograd.grad((logits * r).sum(), wrt, allow_unused=True)
     gp, fast = iter(gs[len(cand):]), []
     for n, g in zip(cand, gs[:len(cand)]):
-        ref, got = [next(gp) for _ in ks[n]], [g.T @ ins[n], g.sum(0)]
-        if all(a is not None and torch.allclose(a, b, rtol=1e-3, atol=1e-5 * b.abs().max().item() + 1e-12) for a, b in zip(ref, got)):
-            fast.append(n)
+        if _adds_up([next(gp) for _ in ks[n]], [g.T @ taps.ins[n], g.sum(0)]): fast.append(n)
     return fast
 
-# %% ../../nbs/methods/fisher_regmean.ipynb #5b4fa2db
+# %% ../../nbs/methods/fisher_regmean.ipynb #94946c35
+def _check_fisher_args(x, y, fisher_type):
+    "Raise on an unknown `fisher_type`, missing labels or no samples."
+    if fisher_type not in ('expected', 'empirical'):
+        raise UnknownName(f"unknown fisher_type '{fisher_type}'; known: empirical, expected")
+    if fisher_type == 'empirical' and y is None: raise ValueError("the empirical Fisher needs the labels y")
+    if len(x) == 0: raise ValueError("the Fisher needs at least one sample")
+
+def _fisher_inputs(template, sd, dev):
+    "The model's parameters (float32, requiring grad), its buffers, and the other names of its tied weights."
+    sd = as_sd(sd, 'the model')
+    check_compatible([template.state_dict(), sd], ['the template', 'the model'])
+    names = [n for n, _ in template.named_parameters()]  # one name per parameter: a tied weight appears once
+    aliases = {n: m for n, m in _tied_names(template).items() if m in names}  # its other names
+    params = {n: sd[n].detach().to(dev).float().requires_grad_() for n in names}
+    buffers = {k: v.to(dev) for k, v in sd.items() if k not in params and k not in aliases}
+    return params, buffers, aliases
+
+# %% ../../nbs/methods/fisher_regmean.ipynb #c242d52e
+def _log_probs(template, taps, params, buffers, xb, fast):
+    "log p(·|x) of a batch, checking that each shortcut layer was again called once."
+    from torch.func import functional_call
+    taps.clear()
+    logits = functional_call(template, {**params, **buffers}, (xb,)).float()
+    if any(taps.calls.get(n) != 1 or n not in taps.ins for n in fast):
+        raise RuntimeError("fisher_diag: a Linear layer was called a different number of times than in the first batch")
+    return F.log_softmax(logits, -1)
+
+def _label_pairs(lp, xb, yb, fisher_type):
+    "(labels, weights) to differentiate: the true labels with weight 1, or each class c with weight √p_c."
+    if fisher_type == 'empirical': return [(yb, torch.ones(len(xb), device=xb.device))]
+    prob = lp.detach().exp()
+    return [(torch.full((len(xb),), c, device=xb.device), prob[:, c].sqrt()) for c in range(prob.shape[1])]
+
+# %% ../../nbs/methods/fisher_regmean.ipynb #2409093f
+def _add_outer_products(fis, taps, fast, lp, c, w, retain):
+    "Add (g²)ᵀ(a²) of each shortcut layer to `fis`, g the gradient of Σₙ wₙ log p(cₙ|xₙ) at its output."
+    f = (w * lp.gather(1, c.view(-1, 1))[:, 0]).sum()
+    gs = torch.autograd.grad(f, [taps.outs[n] for n in fast], retain_graph=retain)
+    for n, g in zip(fast, gs):
+        g2 = g.detach().float().pow(2)
+        fis[f'{n}.weight'] += g2.T @ taps.ins[n].float().pow(2)
+        if f'{n}.bias' in fis: fis[f'{n}.bias'] += g2.sum(0)
+
+# %% ../../nbs/methods/fisher_regmean.ipynb #d8e1507c
+def _per_sample_grad(template, params, buffers):
+    "The per-sample gradient of w·log p(c|x), vmapped over a batch of (x, c, w)."
+    from torch.func import functional_call, vmap, grad
+    def logp(p, xi, c, w):  # w·log p(c|x) for one sample; w = sqrt(p_c) makes the square come out as p_c·(∇log p_c)²
+        out = functional_call(template, {**params, **p, **buffers}, (xi.unsqueeze(0),))
+        return w * F.log_softmax(out.float(), -1)[0].gather(0, c.view(1))[0]
+    return vmap(grad(logp), in_dims=(None, 0, 0, 0))
+
+def _add_per_sample(fis, taps, g1, params, slow, xb, c, w):
+    "Add the squared per-sample gradients of the `slow` parameters to `fis`."
+    taps.capture = False  # the hooks must not record inside vmap
+    try: gs = g1({n: params[n].detach() for n in slow}, xb, c, w)
+    finally: taps.capture = True
+    for n in slow: fis[n] += gs[n].detach().pow(2).sum(0)
+
+# %% ../../nbs/methods/fisher_regmean.ipynb #a709f259
 def fisher_diag(template: nn.Module, # a module of the architecture (its own weights are not used)
                 sd: StateDict, # the model whose Fisher to compute
                 x: Tensor, # inputs (on the template's device), e.g. 1,000 training samples of its task
@@ -53,105 +154,89 @@ def fisher_diag(template: nn.Module, # a module of the architecture (its own wei
                 batch_size: int=64, # samples per step
                ) -> StateDict:
     "Diagonal Fisher information of a classifier's parameters, averaged over the samples of `x`."
-    from torch.func import functional_call, vmap, grad
-    if fisher_type not in ('expected', 'empirical'): raise UnknownName(f"unknown fisher_type '{fisher_type}'; known: empirical, expected")
-    if fisher_type == 'empirical' and y is None: raise ValueError("the empirical Fisher needs the labels y")
-    if len(x) == 0: raise ValueError("the Fisher needs at least one sample")
-    sd = as_sd(sd, 'the model')
-    check_compatible([template.state_dict(), sd], ['the template', 'the model'])
-    dev = x.device
-    names = [n for n, _ in template.named_parameters()]  # one name per parameter: a tied weight appears once
-    aliases = {n: m for n, m in _tied_names(template).items() if m in names}  # its other names
-    params = {n: sd[n].detach().to(dev).float().requires_grad_() for n in names}
-    buffers = {k: v.to(dev) for k, v in sd.items() if k not in params and k not in aliases}
-    # Linear layers applied once per sample (2-D input): a per-sample gradient is the outer product g·aᵀ of the output
-    # gradient and the input, so Σₙ (gₙaₙᵀ)² = (g²)ᵀ(a²): exact, from one ordinary backward pass per class. A layer
-    # called twice (weight sharing) has the per-sample gradient Σ_calls g·aᵀ, whose square is not a sum of squares:
-    # such layers, and weights used anywhere else, take the per-sample (vmap) path.
-    lins, ins, outs, calls, capture = {}, {}, {}, {}, [True]
-    for n, m in template.named_modules():
-        if isinstance(m, nn.Linear) and f'{n}.weight' in params: lins[n] = m
-    def hook(n):
-        def f(mod, inp, out):
-            if not capture[0]: return
-            calls[n] = calls.get(n, 0) + 1
-            if inp[0].ndim == 2: ins[n], outs[n] = inp[0].detach(), out
-        return f
-    hooks = [m.register_forward_hook(hook(n)) for n, m in lins.items()]
+    _check_fisher_args(x, y, fisher_type)
+    params, buffers, aliases = _fisher_inputs(template, sd, x.device)
     fis = {n: torch.zeros_like(p, requires_grad=False) for n, p in params.items()}
-    was = template.training; template.eval()
-    try:
-        fast = _outer_product_layers(template, lins, params, buffers, x[:16], ins, outs, calls)
-        fast_keys = {f'{n}.{w}' for n in fast for w in ('weight', 'bias') if f'{n}.{w}' in params}
-        slow = [n for n in names if n not in fast_keys]  # everything else: per-sample gradients with vmap
-        def logp(p, xi, c, w):  # w·log p(c|x) for one sample; w = sqrt(p_c) makes the square come out as p_c·(∇log p_c)²
-            out = functional_call(template, {**params, **p, **buffers}, (xi.unsqueeze(0),))
-            return w * F.log_softmax(out.float(), -1)[0].gather(0, c.view(1))[0]
-        g1 = vmap(grad(logp), in_dims=(None, 0, 0, 0))
+    taps = _LinearTaps(template, params)
+    with _evaluating(template, taps.hooks):
+        fast = _outer_product_layers(template, taps, params, buffers, x[:16])
+        fast_keys = {k for n in fast for k in _layer_keys(n, params)}
+        slow = [n for n in params if n not in fast_keys]  # everything else: per-sample gradients with vmap
+        g1 = _per_sample_grad(template, params, buffers)
         for i in range(0, len(x), batch_size):
-            xb = x[i:i + batch_size]; ins.clear(); outs.clear(); calls.clear()
-            logits = functional_call(template, {**params, **buffers}, (xb,)).float()
-            if any(calls.get(n) != 1 or n not in ins for n in fast):
-                raise RuntimeError("fisher_diag: a Linear layer was called a different number of times than in the first batch")
-            lp = F.log_softmax(logits, -1); prob = lp.detach().exp()
-            pairs = [(y[i:i + batch_size], torch.ones(len(xb), device=dev))] if fisher_type == 'empirical' else \
-                    [(torch.full((len(xb),), c, device=dev), prob[:, c].sqrt()) for c in range(prob.shape[1])]
+            xb = x[i:i + batch_size]
+            lp = _log_probs(template, taps, params, buffers, xb, fast)
+            pairs = _label_pairs(lp, xb, y[i:i + batch_size] if fisher_type == 'empirical' else None, fisher_type)
             for j, (c, w) in enumerate(pairs):
-                if fast:
-                    f = (w * lp.gather(1, c.view(-1, 1))[:, 0]).sum()
-                    gs = torch.autograd.grad(f, [outs[n] for n in fast], retain_graph=j < len(pairs) - 1)
-                    for n, g in zip(fast, gs):
-                        g2 = g.detach().float().pow(2)
-                        fis[f'{n}.weight'] += g2.T @ ins[n].float().pow(2)
-                        if f'{n}.bias' in fis: fis[f'{n}.bias'] += g2.sum(0)
-                if slow:
-                    capture[0] = False
-                    try: gs = g1({n: params[n].detach() for n in slow}, xb, c, w)
-                    finally: capture[0] = True
-                    for n in slow: fis[n] += gs[n].detach().pow(2).sum(0)
-    finally:
-        for h in hooks: h.remove()
-        template.train(was)
+                if fast: _add_outer_products(fis, taps, fast, lp, c, w, retain=j < len(pairs) - 1)
+                if slow: _add_per_sample(fis, taps, g1, params, slow, xb, c, w)
     out = {n: (f / len(x)).cpu() for n, f in fis.items()}
     return {**out, **{a: out[n] for a, n in aliases.items()}}  # a tied weight's Fisher under each of its names
 
+# %% ../../nbs/methods/fisher_regmean.ipynb #23f02ab2
 def _task_samples(tasks, n: int, what: str) -> list[Data]:
     "Each model's task data, its first `n` training samples; an error naming the model that has none."
     if tasks is None or any(t is None for t in tasks):
         i = 0 if tasks is None else next(i for i, t in enumerate(tasks) if t is None)
-        raise ValueError(f"{what} needs each model's task data, and model {i} has none: give each model a `task` in the "
-                         "model pool config (or pass data= to merge())")
+        raise ValueError(f"{what} needs each model's task data, and model {i} has none: give each model a `task` "
+                         "in the model pool config (or pass data= to merge())")
     return [(t.x_train[:n], t.y_train[:n]) for t in tasks]
 
-@METHODS.register('fisher_merging', paper='https://arxiv.org/abs/2111.09832', aliases=['fisher_merging/fisher_merging'],
-                  renames={'num_fisher_examples': 'n_samples', 'minimal_fisher_weight': 'eps'})
-def fisher_merging(sds: list[StateDict], # models of one architecture (one common space)
-                   fishers: list[StateDict]|None=None, # their diagonal Fishers (`fisher_diag`); None: computed from `tasks`
-                   weights: list[float]|None=None, # per-model scaling λᵢ (default: 1)
-                   eps: float=1e-8, # Fisher floor, added to every entry
-                   template: nn.Module|None=None, # the architecture (to compute the Fishers)
-                   tasks: list[Data]|None=None, # each model's task data (to compute the Fishers)
-                   n_samples: int=1024, # training samples of each model's task for its Fisher
-                   fisher_type: Literal['expected', 'empirical']='expected', # 'expected' (exact over classes) or 'empirical' (true labels)
-                   batch_size: int=64, # samples per vmap call
-                  ) -> StateDict:
-    "Fisher merging (Matena & Raffel, 2022): Σᵢ λᵢFᵢθᵢ / Σᵢ λᵢFᵢ per entry; entries without a Fisher are averaged."
-    sds = as_sds(sds); check_compatible(sds)
-    if fishers is None:
-        if template is None: raise ValueError("Fisher merging needs the Fishers, or template= and tasks= to compute them")
-        data = _task_samples(tasks, n_samples, 'Fisher merging')
-        fishers = [fisher_diag(template, sd, x, y, fisher_type, batch_size) for sd, (x, y) in zip(sds, data)]
-    if len(fishers) != len(sds): raise ValueError(f"{len(sds)} models but {len(fishers)} Fishers")
-    w = [1.0] * len(sds) if weights is None else [float(v) for v in weights]
-    if len(w) != len(sds) or any(v < 0 for v in w) or sum(w) <= 0: raise ValueError(f"need {len(sds)} non-negative weights, got {w}")
-    out = weighted_average(sds, w)
+def _task_fishers(sds, template, tasks, n_samples, fisher_type, batch_size):
+    "Each model's Fisher, from the first `n_samples` training samples of its task."
+    if template is None:
+        raise ValueError("Fisher merging needs the Fishers, or template= and tasks= to compute them")
+    data = _task_samples(tasks, n_samples, 'Fisher merging')
+    return [fisher_diag(template, sd, x, y, fisher_type, batch_size) for sd, (x, y) in zip(sds, data)]
+
+# %% ../../nbs/methods/fisher_regmean.ipynb #61704929
+def _merge_weights(weights, n):
+    "The per-model scalings λᵢ as floats (default 1): none negative, and not all zero."
+    w = [1.0] * n if weights is None else [float(v) for v in weights]
+    if len(w) != n or any(v < 0 for v in w) or sum(w) <= 0: raise ValueError(f"need {n} non-negative weights, got {w}")
+    return w
+
+def _fisher_average(sds, fishers, w, eps):
+    "Σᵢ λᵢ(Fᵢ+ε)θᵢ / Σᵢ λᵢ(Fᵢ+ε) for each key with a Fisher, in the models' dtype."
+    out = {}
     for k in fishers[0]:
         num = sum(wi * (f[k].float() + eps) * sd[k].float() for wi, f, sd in zip(w, fishers, sds))
         den = sum(wi * (f[k].float() + eps) for wi, f in zip(w, fishers))
         out[k] = (num / den).to(sds[0][k].dtype)
     return out
 
+# %% ../../nbs/methods/fisher_regmean.ipynb #cdf24c90
+@METHODS.register('fisher_merging', paper='https://arxiv.org/abs/2111.09832', aliases=['fisher_merging/fisher_merging'],
+                  renames={'num_fisher_examples': 'n_samples', 'minimal_fisher_weight': 'eps'})
+def fisher_merging(sds: list[StateDict], # models of one architecture (one common space)
+                   # their diagonal Fishers (`fisher_diag`); None: computed from `tasks`
+                   fishers: list[StateDict]|None=None,
+                   weights: list[float]|None=None, # per-model scaling λᵢ (default: 1)
+                   eps: float=1e-8, # Fisher floor, added to every entry
+                   template: nn.Module|None=None, # the architecture (to compute the Fishers)
+                   tasks: list[Data]|None=None, # each model's task data (to compute the Fishers)
+                   n_samples: int=1024, # training samples of each model's task for its Fisher
+                   # 'expected' (exact over classes) or 'empirical' (true labels)
+                   fisher_type: Literal['expected', 'empirical']='expected',
+                   batch_size: int=64, # samples per vmap call
+                  ) -> StateDict:
+    "Fisher merging (Matena & Raffel, 2022): Σᵢ λᵢFᵢθᵢ / Σᵢ λᵢFᵢ per entry; entries without a Fisher are averaged."
+    sds = as_sds(sds)
+    check_compatible(sds)
+    if fishers is None: fishers = _task_fishers(sds, template, tasks, n_samples, fisher_type, batch_size)
+    if len(fishers) != len(sds): raise ValueError(f"{len(sds)} models but {len(fishers)} Fishers")
+    w = _merge_weights(weights, len(sds))
+    return {**weighted_average(sds, w), **_fisher_average(sds, fishers, w, eps)}
+
 # %% ../../nbs/methods/fisher_regmean.ipynb #d29535b7
+def _gram_hook(grams, name):
+    "A forward pre-hook that adds aᵀa of the layer's inputs (as rows, float64) to `grams[name]`."
+    def f(mod, inp):
+        a = inp[0].detach().reshape(-1, inp[0].shape[-1]).double()
+        grams[name] = grams.get(name, 0) + a.T @ a
+    return f
+
+# %% ../../nbs/methods/fisher_regmean.ipynb #84c828a4
 @torch.no_grad()
 def regmean_grams(template: nn.Module, # a module of the architecture (its own weights are not used)
                   sd: StateDict, # the model
@@ -163,27 +248,36 @@ def regmean_grams(template: nn.Module, # a module of the architecture (its own w
     sd = as_sd(sd, 'the model')
     check_compatible([template.state_dict(), sd], ['the template', 'the model'])
     lin = {n: m for n, m in template.named_modules() if isinstance(m, nn.Linear)}
-    grams, hooks, n = {}, [], 0
-    def hook(name):
-        def f(mod, inp):
-            a = inp[0].detach().reshape(-1, inp[0].shape[-1]).double()
-            grams[name] = grams.get(name, 0) + a.T @ a
-        return f
-    for name, m in lin.items(): hooks.append(m.register_forward_pre_hook(hook(name)))
-    was = template.training; template.eval()
-    try:
-        dev = x.device
+    grams, n = {}, 0
+    hooks = [m.register_forward_pre_hook(_gram_hook(grams, name)) for name, m in lin.items()]
+    with _evaluating(template, hooks):
         for i in range(0, len(x), batch_size):
-            functional_call(template, {k: v.to(dev) for k, v in sd.items()}, (x[i:i + batch_size],)); n += len(x[i:i + batch_size])
-    finally:
-        for h in hooks: h.remove()
-        template.train(was)
+            functional_call(template, {k: v.to(x.device) for k, v in sd.items()}, (x[i:i + batch_size],))
+            n += len(x[i:i + batch_size])
     return {f'{name}.weight' if name else 'weight': (g / n).cpu() for name, g in grams.items()}
 
+# %% ../../nbs/methods/fisher_regmean.ipynb #039861bb
+def _task_grams(sds, template, tasks, n_samples):
+    "Each model's Gram matrices, from the first `n_samples` training samples of its task."
+    if template is None:
+        raise ValueError("RegMean needs the Gram matrices, or template= and tasks= to compute them")
+    return [regmean_grams(template, sd, x) for sd, (x, _) in zip(sds, _task_samples(tasks, n_samples, 'RegMean'))]
+
+# %% ../../nbs/methods/fisher_regmean.ipynb #49055068
+def _regmean_weight(grams, Ws, alpha, ridge):
+    "W* = (Σ Gᵢ)⁻¹ Σ Gᵢ Wᵢ for one layer (`Ws` in torch's out × in layout), each Gᵢ's off-diagonal scaled by α."
+    G = [alpha * g + (1 - alpha) * torch.diag(torch.diagonal(g)) for g in grams]
+    Gs = sum(G)
+    Gs = Gs + ridge * Gs.diagonal().mean().clamp_min(1e-12) * torch.eye(len(Gs), dtype=Gs.dtype)
+    rhs = sum(Gi @ W.double().T.cpu() for Gi, W in zip(G, Ws))
+    return torch.linalg.solve(Gs, rhs).T.to(Ws[0].dtype).to(Ws[0].device)
+
+# %% ../../nbs/methods/fisher_regmean.ipynb #4c8db72c
 @METHODS.register('regmean', paper='https://arxiv.org/abs/2212.09849', aliases=['regmean/regmean'],
                   renames={'num_regmean_examples': 'n_samples', 'reduce_non_diagonal_ratio': 'alpha'})
 def regmean_merging(sds: list[StateDict], # models of one architecture
-                    grams: list[dict[str, Tensor]]|None=None, # per model: Gram matrices of its linear layers (`regmean_grams`); None: computed from `tasks`
+                    # per model: Gram matrices of its linear layers (`regmean_grams`); None: computed from `tasks`
+                    grams: list[dict[str, Tensor]]|None=None,
                     alpha: float=0.9, # scaling of the Gram matrices' off-diagonal entries
                     ridge: float=1e-6, # added to the summed Gram's diagonal, relative to its mean diagonal
                     template: nn.Module|None=None, # the architecture (to compute the Gram matrices)
@@ -191,16 +285,11 @@ def regmean_merging(sds: list[StateDict], # models of one architecture
                     n_samples: int=1024, # training samples of each model's task for its Gram matrices
                    ) -> StateDict:
     "RegMean (Jin et al., 2023): each linear weight W* = (Σ Gᵢ)⁻¹ Σ Gᵢ Wᵢ; everything else averaged."
-    sds = as_sds(sds); check_compatible(sds)
-    if grams is None:
-        if template is None: raise ValueError("RegMean needs the Gram matrices, or template= and tasks= to compute them")
-        grams = [regmean_grams(template, sd, x) for sd, (x, _) in zip(sds, _task_samples(tasks, n_samples, 'RegMean'))]
+    sds = as_sds(sds)
+    check_compatible(sds)
+    if grams is None: grams = _task_grams(sds, template, tasks, n_samples)
     if len(grams) != len(sds): raise ValueError(f"{len(sds)} models but {len(grams)} sets of Gram matrices")
     if not 0 <= alpha <= 1: raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     out = weighted_average(sds)
-    for k in grams[0]:
-        G = [alpha * g[k] + (1 - alpha) * torch.diag(torch.diagonal(g[k])) for g in (gr for gr in grams)]
-        Gs = sum(G); Gs = Gs + ridge * Gs.diagonal().mean().clamp_min(1e-12) * torch.eye(len(Gs), dtype=Gs.dtype)
-        rhs = sum(Gi @ sd[k].double().T.cpu() for Gi, sd in zip(G, sds))
-        out[k] = torch.linalg.solve(Gs, rhs).T.to(sds[0][k].dtype).to(sds[0][k].device)
+    for k in grams[0]: out[k] = _regmean_weight([g[k] for g in grams], [sd[k] for sd in sds], alpha, ridge)
     return out

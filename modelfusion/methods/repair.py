@@ -5,6 +5,7 @@
 # %% ../../nbs/methods/repair.ipynb #690c276d
 from __future__ import annotations
 import copy
+from typing import Callable
 import torch
 from torch import nn, Tensor
 from ..core import *
@@ -16,7 +17,8 @@ __all__ = ['reset_bn_stats', 'channel_dim', 'repair_points', 'repair']
 
 # %% ../../nbs/methods/repair.ipynb #1c988ddb
 @FIXES.register('reset_bn', paper='https://arxiv.org/abs/2211.08403',
-                summary='BatchNorm reset: re-estimate the running statistics of every BatchNorm layer on calibration data')
+                summary=('BatchNorm reset: re-estimate the running statistics of every BatchNorm layer '
+                         'on calibration data'))
 @torch.no_grad()
 def reset_bn_stats(template: nn.Module, # a module of the architecture (its own weights are not used)
                    sd: StateDict, # the state dict whose BatchNorm statistics to re-estimate
@@ -29,7 +31,9 @@ def reset_bn_stats(template: nn.Module, # a module of the architecture (its own 
     model.load_state_dict(sd)
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns: return clone_sd(sd)
-    for m in bns: m.reset_running_stats(); m.momentum = None  # None: exact cumulative average over batches
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # None: exact cumulative average over batches
     model.train()
     for i in range(0, len(x), batch_size): model(x[i:i + batch_size])
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -47,6 +51,7 @@ def channel_dim(mod: nn.Module, # a layer: Linear, Conv, BatchNorm, GroupNorm or
     if isinstance(mod, (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.GroupNorm)): return 1
     raise SpecError(f"no channel dim known for a {type(mod).__name__}")
 
+# %% ../../nbs/methods/repair.ipynb #e890fab2
 def repair_points(template: nn.Module, # the architecture
                   spec: Spec, # its spec (says which outputs are hidden feature spaces)
                  ) -> dict[str, int]:
@@ -56,12 +61,14 @@ def repair_points(template: nn.Module, # the architecture
     except Exception as e:
         raise SpecError(f"REPAIR needs to trace {type(template).__name__} with torch.fx, which failed: {e}") from None
     hidden = {a.param for g in spec.groups.values() for a in g.axes if a.role == 'out' and a.dim == 0}
-    mods = dict(template.named_modules()); points = {}
+    mods = dict(template.named_modules())
+    is_norm = lambda u: u.op == 'call_module' and isinstance(mods[u.target], _NORM_TYPES)
+    points = {}
     for n in gm.graph.nodes:
         if n.op != 'call_module' or not isinstance(mods[n.target], _LAYER_TYPES): continue
         if f'{n.target}.weight' not in hidden: continue
         users = list(n.users)
-        nxt = users[0] if len(users) == 1 and users[0].op == 'call_module' and isinstance(mods[users[0].target], _NORM_TYPES) else None
+        nxt = users[0] if len(users) == 1 and is_norm(users[0]) else None
         p = nxt.target if nxt is not None else n.target
         points[p] = channel_dim(mods[p], after=mods[n.target])
     return points
@@ -72,32 +79,112 @@ def _channel_stats(y: Tensor, d: int) -> tuple[Tensor, Tensor, int]:
     y = y.movedim(d, -1).reshape(-1, y.shape[d]).double()
     return y.sum(0), (y * y).sum(0), len(y)
 
+def _accumulate(acc: dict, p: str, y: Tensor, d: int) -> None:
+    "Add the per-channel sums, sums of squares and count of `y` to `acc[p]`."
+    s, q, n = _channel_stats(y, d)
+    a = acc.setdefault(p, [0, 0, 0])
+    a[0] += s
+    a[1] += q
+    a[2] += n
+
 def _bcast(v: Tensor, y: Tensor, d: int) -> Tensor:
     "The per-channel vector `v` shaped to broadcast against `y` (channels on dim `d`)."
-    shape = [1] * y.ndim; shape[d] = -1
+    shape = [1] * y.ndim
+    shape[d] = -1
     return v.view(shape)
 
-@torch.no_grad()
-def _point_stats(template: nn.Module, sd: StateDict, points: dict[str, int], x: Tensor, batch_size: int) -> dict[str, tuple[Tensor, Tensor]]:
-    "Per-channel mean and std at each point (name: channel dim) of the model `sd` in eval mode."
-    m = copy.deepcopy(template).to(x.device); m.load_state_dict(sd); m.eval()
-    acc, hooks = {}, []
-    for p, d in points.items():
-        def hook(mod, inp, out, p=p, d=d):
-            s, q, n = _channel_stats(out, d); a = acc.setdefault(p, [0, 0, 0]); a[0] += s; a[1] += q; a[2] += n
-        hooks.append(m.get_submodule(p).register_forward_hook(hook))
+# %% ../../nbs/methods/repair.ipynb #14bcf093
+def _eval_copy(template: nn.Module, sd: StateDict, device) -> nn.Module:
+    "A copy of `template` on `device` holding `sd`, in eval mode."
+    m = copy.deepcopy(template).to(device)
+    m.load_state_dict(sd)
+    m.eval()
+    return m
+
+def _run_hooked(m: nn.Module, hooks: dict[str, Callable], x: Tensor, batch_size: int) -> None:
+    "Run `m` on `x` in batches with a forward hook on each named submodule; the hooks are removed afterwards."
+    handles = [m.get_submodule(p).register_forward_hook(h) for p, h in hooks.items()]
     try:
         for i in range(0, len(x), batch_size): m(x[i:i + batch_size])
     finally:
-        for h in hooks: h.remove()
+        for h in handles: h.remove()
+
+# %% ../../nbs/methods/repair.ipynb #c7cb8863
+@torch.no_grad()
+def _point_stats(template: nn.Module, sd: StateDict, points: dict[str, int], x: Tensor,
+                 batch_size: int) -> dict[str, tuple[Tensor, Tensor]]:
+    "Per-channel mean and std at each point (name: channel dim) of the model `sd` in eval mode."
+    m = _eval_copy(template, sd, x.device)
+    acc = {}
+    def hook(p, d): return lambda mod, inp, out: _accumulate(acc, p, out, d)
+    _run_hooked(m, {p: hook(p, d) for p, d in points.items()}, x, batch_size)
     return {p: (s / n, (q / n - (s / n) ** 2).clamp_min(0).sqrt()) for p, (s, q, n) in acc.items()}
 
 # %% ../../nbs/methods/repair.ipynb #ee6d865a
+def _renorm(out: Tensor, d: int, mt: Tensor, st: Tensor, eps: float) -> Tensor:
+    "`out` with each channel (dim `d`) standardised with its batch statistics, then given mean `mt` and std `st`."
+    y = out.double()
+    dims = [i for i in range(y.ndim) if i != d % y.ndim]
+    mu, sd = y.mean(dims), y.std(dims, unbiased=False)
+    return ((y - _bcast(mu, y, d)) / _bcast(sd + eps, y, d) * _bcast(st, y, d) + _bcast(mt, y, d)).to(out.dtype)
+
+# %% ../../nbs/methods/repair.ipynb #72e1f13e
+def _calibrate(template: nn.Module, sd: StateDict, points: dict[str, int], target: dict, x: Tensor,
+               batch_size: int, eps: float) -> tuple[nn.Module, dict, dict]:
+    "The calibrated module (BatchNorm statistics re-estimated), the uncorrected sums per point, and the outputs' ranks."
+    m = _eval_copy(template, sd, x.device)
+    bns = [b for b in m.modules() if isinstance(b, nn.modules.batchnorm._BatchNorm)]
+    for b in bns:  # re-estimated in the same pass
+        b.reset_running_stats()
+        b.momentum = None
+        b.train()
+    acc, ndims = {}, {}
+    def hook(p, d):
+        def h(mod, inp, out):  # correct with batch statistics, accumulate the uncorrected ones
+            _accumulate(acc, p, out, d)
+            ndims[p] = out.ndim
+            return _renorm(out, d, *target[p], eps)
+        return h
+    _run_hooked(m, {p: hook(p, d) for p, d in points.items()}, x, batch_size)
+    for b in bns: b.eval()
+    return m, acc, ndims
+
+# %% ../../nbs/methods/repair.ipynb #da8cb9e4
 def _fuse_axis(mod: nn.Module, w: Tensor, d: int, ndim: int) -> int:
     "The axis of the point's parameter `w` that indexes the output channels (on dim `d` of an `ndim`-dim output)."
     if isinstance(mod, nn.LayerNorm): return d - (ndim - w.ndim)  # its affine covers the trailing dims of the output
     return 0  # weights' rows (Linear, Conv), per-channel affines (BatchNorm, GroupNorm)
 
+def _fuse_param(mod: nn.Module, k: str, v: Tensor, d: int, ndim: int, s: Tensor, mu_m: Tensor, mu_t: Tensor,
+                shift: bool) -> Tensor:
+    "Parameter `k` (value `v`) of a point scaled by `s` per channel; with `shift` (a bias), (v - mu_m) * s + mu_t."
+    ax = _fuse_axis(mod, v, d, ndim)
+    if not 0 <= ax < v.ndim or v.shape[ax] != len(s):
+        raise SpecError(f"REPAIR cannot fuse {len(s)} channel corrections into '{k}' of shape {tuple(v.shape)}")
+    shape = [1] * v.ndim
+    shape[ax] = -1
+    x = v.double()
+    return (((x - mu_m.view(shape)) if shift else x) * s.view(shape) + (mu_t.view(shape) if shift else 0)).to(v.dtype)
+
+# %% ../../nbs/methods/repair.ipynb #c6b6eda6
+def _fuse(m: nn.Module, points: dict[str, int], acc: dict, ndims: dict, target: dict, eps: float) -> StateDict:
+    "A copy of `m`'s state dict with each point's correction fused into its weight and bias."
+    out = {k: v.detach().clone() for k, v in m.state_dict().items()}
+    for p, d in points.items():
+        sm, qm, n = acc[p]
+        mu_m = sm / n
+        sd_m = (qm / n - mu_m ** 2).clamp_min(0).sqrt()
+        mu_t, sd_t = target[p]
+        s = (sd_t / (sd_m + eps))
+        w, b, mod = f'{p}.weight', f'{p}.bias', m.get_submodule(p)
+        if b not in out or w not in out:
+            raise SpecError(f"REPAIR cannot fuse into '{p}': it has no weight and bias (or affine norm) "
+                            "to absorb the correction")
+        for k, shift in ((w, False), (b, True)):
+            out[k] = _fuse_param(mod, k, out[k], d % ndims[p], ndims[p], s, mu_m, mu_t, shift)
+    return out
+
+# %% ../../nbs/methods/repair.ipynb #13b17907
 @FIXES.register('repair', paper='https://arxiv.org/abs/2211.08403')
 @torch.no_grad()
 def repair(template: nn.Module, # the architecture (its own weights are not used)
@@ -110,47 +197,17 @@ def repair(template: nn.Module, # the architecture (its own weights are not used
            eps: float=1e-5, # added to the merged model's std
           ) -> StateDict:
     "REPAIR: rescale the merged model's channels to the interpolated endpoint statistics, fused into its weights."
-    sds = as_sds(sds); names = [f'model {i}' for i in range(len(sds))]
+    sds = as_sds(sds)
+    names = [f'model {i}' for i in range(len(sds))]
     sd_merged = as_sd(merged, 'the merged model')
     check_compatible([*sds, sd_merged], [*names, 'the merged model'])
     c = [1 / len(sds)] * len(sds) if coefs is None else [float(v) for v in coefs]
     if len(c) != len(sds): raise ValueError(f"{len(sds)} models but {len(c)} coefficients")
     points = repair_points(template, spec)
     stats = [_point_stats(template, sd, points, x, batch_size) for sd in sds]
-    target = {p: (sum(ci * s[p][0] for ci, s in zip(c, stats)), sum(ci * s[p][1] for ci, s in zip(c, stats))) for p in points}
-    m = copy.deepcopy(template).to(x.device); m.load_state_dict(sd_merged); m.eval()
-    bns = [b for b in m.modules() if isinstance(b, nn.modules.batchnorm._BatchNorm)]
-    for b in bns: b.reset_running_stats(); b.momentum = None; b.train()  # re-estimated in the same pass
-    acc, ndims, hooks = {}, {}, []
-    for p, d in points.items():
-        def hook(mod, inp, out, p=p, d=d):  # correct with batch statistics, accumulate the uncorrected ones
-            s, q, n = _channel_stats(out, d); a = acc.setdefault(p, [0, 0, 0]); a[0] += s; a[1] += q; a[2] += n
-            ndims[p] = out.ndim
-            y = out.double(); dims = [i for i in range(y.ndim) if i != d % y.ndim]
-            mu, sd = y.mean(dims), y.std(dims, unbiased=False)
-            mt, st = target[p]
-            return ((y - _bcast(mu, y, d)) / _bcast(sd + eps, y, d) * _bcast(st, y, d) + _bcast(mt, y, d)).to(out.dtype)
-        hooks.append(m.get_submodule(p).register_forward_hook(hook))
-    try:
-        for i in range(0, len(x), batch_size): m(x[i:i + batch_size])
-    finally:
-        for h in hooks: h.remove()
-    for b in bns: b.eval()
-    # fuse y -> (y - mu_m) * s + mu_t into the point's own affine parameters, with the statistics of the
-    # calibration pass (each measured with all earlier layers already corrected)
-    out = {k: v.detach().clone() for k, v in m.state_dict().items()}
-    for p, d in points.items():
-        sm, qm, n = acc[p]; mu_m = sm / n; sd_m = (qm / n - mu_m ** 2).clamp_min(0).sqrt(); mu_t, sd_t = target[p]
-        s = (sd_t / (sd_m + eps))
-        w = f'{p}.weight'; b = f'{p}.bias'; mod = m.get_submodule(p)
-        if b not in out or w not in out:
-            raise SpecError(f"REPAIR cannot fuse into '{p}': it has no weight and bias (or affine norm) to absorb the correction")
-        for k, shift in ((w, False), (b, True)):
-            ax = _fuse_axis(mod, out[k], d % ndims[p], ndims[p])
-            if not 0 <= ax < out[k].ndim or out[k].shape[ax] != len(s):
-                raise SpecError(f"REPAIR cannot fuse {len(s)} channel corrections into '{k}' of shape {tuple(out[k].shape)}")
-            shape = [1] * out[k].ndim; shape[ax] = -1
-            v = out[k].double()
-            out[k] = (((v - mu_m.view(shape)) if shift else v) * s.view(shape) + (mu_t.view(shape) if shift else 0)).to(out[k].dtype)
+    target = {p: (sum(ci * s[p][0] for ci, s in zip(c, stats)), sum(ci * s[p][1] for ci, s in zip(c, stats)))
+              for p in points}
+    m, acc, ndims = _calibrate(template, sd_merged, points, target, x, batch_size, eps)
+    out = _fuse(m, points, acc, ndims, target, eps)
     check_finite(out, 'the repaired model')
     return out

@@ -30,18 +30,96 @@ def sinkhorn(logits: Tensor, # (n, n) scores
         z = z - torch.logsumexp(z, 0, keepdim=True)
     return z.exp()
 
+# %% ../../nbs/methods/sinkhorn.ipynb #ec96df77
 def _harden(Z: dict[str, Tensor]) -> Alignment:
     "Per group, the permutation maximising Σ_i Z[i, π(i)] (a linear assignment on the logits)."
-    return {n: Transform.perm(torch.as_tensor(linear_sum_assignment(z.detach().cpu().double().numpy(), maximize=True)[1])) for n, z in Z.items()}
+    al = {}
+    for n, z in Z.items():
+        _, col = linear_sum_assignment(z.detach().cpu().double().numpy(), maximize=True)
+        al[n] = Transform.perm(torch.as_tensor(col))
+    return al
 
+# %% ../../nbs/methods/sinkhorn.ipynb #4e97adf9
 @torch.no_grad()
 def _hard_loss(A: StateDict, B: StateDict, spec: Spec, al: Alignment, loss: str, params: list[str],
                tmpl=None, x=None, y=None, batch_size: int=1000) -> float:
-    "The loss Sinkhorn re-basin optimises, at a permutation: ‖θ_A − π(θ_B)‖² ('distance'), else the midpoint's mean cross-entropy on (x, y)."
+    "The loss at a permutation: ‖θ_A − π(θ_B)‖² ('distance'), else the midpoint's mean cross-entropy on (x, y)."
     Bp = apply(B, spec, {n: Transform(t.merge.to(next(iter(B.values())).device)) for n, t in al.items()})
     if loss == 'distance': return sum(float(((A[k] - Bp[k]).double() ** 2).sum()) for k in params)
     return sum(float(_midpoint_loss(tmpl, A, Bp, x[i:i + batch_size], y[i:i + batch_size])) * len(x[i:i + batch_size])
                for i in range(0, len(x), batch_size)) / len(x)
+
+# %% ../../nbs/methods/sinkhorn.ipynb #fb01822b
+def _init_logits(sds: list[StateDict], spec: Spec, init: str, noise: float, seed: int, g: torch.Generator,
+                 dev) -> dict[str, Tensor]:
+    "Per group, the free logits Z_g = P_0 + noise · N(0, 1), requiring gradients."
+    wm = weight_matching(sds, spec, seed=seed, report=False).alignments[1] if init == 'weight_matching' else {}
+    Z = {}
+    for n, grp in spec.groups.items():
+        P0 = Transform.perm(wm[n].merge).matrices()[0] if n in wm else torch.eye(grp.size)
+        Z[n] = (P0 + noise * torch.randn(grp.size, grp.size, generator=g)).to(dev).requires_grad_(True)
+    return Z
+
+# %% ../../nbs/methods/sinkhorn.ipynb #7c968344
+def _holdout_split(x: Tensor, y: Tensor, holdout: float, g: torch.Generator,
+                   dev) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    "The data to descend on and the data to judge on (x, y, x_judge, y_judge): all of it twice, or a held-out part."
+    x, y = x.to(dev), y.to(dev)
+    xh, yh = x, y  # judged on all of the data, or on a held-out part
+    if holdout:
+        i = torch.randperm(len(x), generator=g).to(dev)
+        k = max(1, round(holdout * len(x)))
+        xh, yh, x, y = x[i[:k]], y[i[:k]], x[i[k:]], y[i[k:]]
+    return x, y, xh, yh
+
+# %% ../../nbs/methods/sinkhorn.ipynb #784747f3
+def _relaxed_loss(A: StateDict, B: StateDict, spec: Spec, Z: dict[str, Tensor], loss: str, params: list[str],
+                  tau: float, n_iter: int, tmpl=None, xb=None, yb=None, g: torch.Generator|None=None) -> Tensor:
+    "The loss Sinkhorn re-basin descends, at B transformed by the soft permutations S(Z/τ)."
+    P = {n: sinkhorn(z / tau, n_iter) for n, z in Z.items()}
+    Bs = apply(B, spec, {n: Transform(p, p.T) for n, p in P.items()})
+    if loss == 'distance': return sum(((A[k] - Bs[k]) ** 2).sum() for k in params)
+    lam = float(torch.rand((), generator=g)) if loss == 'random' else 0.5
+    return _midpoint_loss(tmpl, A, Bs, xb, yb, lam)
+
+# %% ../../nbs/methods/sinkhorn.ipynb #22541309
+@torch.no_grad()
+def _matched_mass(Z: dict[str, Tensor], al: Alignment, tau: float, n_iter: int, dev) -> dict[str, float]:
+    "Per group, the mean mass of S(Z/τ) on the entries of the permutation `al`."
+    return {n: float(sinkhorn(z / tau, n_iter)[torch.arange(len(al[n].merge), device=dev), al[n].merge.to(dev)].mean())
+            for n, z in Z.items()}
+
+def _keep_better(l0: float, l1: float, start: Alignment, result: Alignment) -> tuple[Alignment, dict]:
+    "The result if its hard loss `l1` beats the start's `l0`, else the start; and the report of that choice."
+    kept = 'result' if l1 < l0 else 'start'
+    moved = {n: int((result[n].merge != start[n].merge).sum()) for n in start}
+    info = {'start_loss': l0, 'result_loss': l1, 'kept': kept, 'moved': moved, 'moved_total': sum(moved.values())}
+    return (result if kept == 'result' else start), info
+
+# %% ../../nbs/methods/sinkhorn.ipynb #d2ad947e
+def _check_args(loss: str, init: str, template, x, y, holdout: float):
+    "Raise the one error that explains a bad argument."
+    if loss not in ('midpoint', 'random', 'distance'):
+        raise UnknownName(f"unknown loss '{loss}'; known: distance, midpoint, random")
+    if init not in ('identity', 'weight_matching'):
+        raise UnknownName(f"unknown init '{init}'; known: identity, weight_matching")
+    if loss != 'distance' and (template is None or x is None or y is None):
+        raise ValueError(f"Sinkhorn matching with loss='{loss}' needs data: "
+                         "pass template=, x= and y= (or use loss='distance')")
+    if not 0 <= holdout < 1: raise ValueError(f"holdout must be in [0, 1), got {holdout}")
+
+# %% ../../nbs/methods/sinkhorn.ipynb #612af0ba
+def _descend(Z: dict[str, Tensor], batches: list, lr: float, step_loss) -> list[float]:
+    "AdamW steps on the logits `Z`, one per batch, on `step_loss(xb, yb)`; the losses."
+    opt = torch.optim.AdamW(Z.values(), lr=lr)
+    losses = []
+    for xb, yb in batches:
+        L = step_loss(xb, yb)
+        opt.zero_grad()
+        L.backward()
+        opt.step()
+        losses.append(L.item())
+    return losses
 
 # %% ../../nbs/methods/sinkhorn.ipynb #bbd46955
 @MATCHERS.register('sinkhorn', paper='https://arxiv.org/abs/2212.12042', method='sinkhorn_rebasin')
@@ -49,8 +127,10 @@ def sinkhorn_matching(sds: list[StateDict], # [reference model A, model B] (modu
                       spec: Spec, # the architecture's spec
                       template: torch.nn.Module|None=None, # a module (required unless loss='distance')
                       x: Tensor|None=None, y: Tensor|None=None, # training data (required unless loss='distance')
-                      loss: Literal['midpoint', 'random', 'distance']='midpoint', # 'midpoint', 'random' (λ ~ U(0,1)) or 'distance'
-                      init: Literal['identity', 'weight_matching']='identity', # logits start at I + noise (the paper) or at weight matching's permutation + noise ('weight_matching', a warm start)
+                      # 'midpoint', 'random' (λ ~ U(0,1)) or 'distance'
+                      loss: Literal['midpoint', 'random', 'distance']='midpoint',
+                      # logits start at I + noise (the paper) or at weight matching's permutation + noise ('weight_matching', a warm start)
+                      init: Literal['identity', 'weight_matching']='identity',
                       noise: float=0.1, # std of the Gaussian noise on the initial logits (paper: 0.1)
                       steps: int=50, # AdamW steps for loss='distance' (paper's alignment example: 50)
                       epochs: int=20, # passes over (x, y) for the data losses (paper's MNIST example: 20)
@@ -58,54 +138,33 @@ def sinkhorn_matching(sds: list[StateDict], # [reference model A, model B] (modu
                       lr: float=0.1, # AdamW learning rate of the logits, constant (paper: 0.1)
                       tau: float=1.0, # temperature of the relaxation, constant (paper: 1)
                       n_iter: int=20, # Sinkhorn iterations per step (paper: 20)
-                      holdout: float=0.0, # data losses: fraction of (x, y) kept out of the descent to judge start against result (0: judge on all)
+                      # data losses: fraction of (x, y) kept out of the descent to judge start against result (0: judge on all)
+                      holdout: float=0.0,
                       seed: int=0, # initial noise, data order, λ samples
                       device: str|None='cpu', # where to optimise
                      ) -> MatchResult:
     "Sinkhorn re-basin: learn soft permutations on a loss, harden them; return the better of start and result on that loss."
-    if loss not in ('midpoint', 'random', 'distance'): raise UnknownName(f"unknown loss '{loss}'; known: distance, midpoint, random")
-    if init not in ('identity', 'weight_matching'): raise UnknownName(f"unknown init '{init}'; known: identity, weight_matching")
-    if loss != 'distance' and (template is None or x is None or y is None):
-        raise ValueError(f"Sinkhorn matching with loss='{loss}' needs data: pass template=, x= and y= (or use loss='distance')")
-    if not 0 <= holdout < 1: raise ValueError(f"holdout must be in [0, 1), got {holdout}")
+    _check_args(loss, init, template, x, y, holdout)
     sds = two_models(sds, 'Sinkhorn matching')
-    dev = get_device(device); g = torch.Generator().manual_seed(seed); t0 = time.time()
+    dev, g, t0 = get_device(device), torch.Generator().manual_seed(seed), time.time()
     A = {k: v.to(dev).float() if v.is_floating_point() else v.to(dev) for k, v in sds[0].items()}
     B = {k: v.to(dev).float() if v.is_floating_point() else v.to(dev) for k, v in sds[1].items()}
-    wm = weight_matching(sds, spec, seed=seed, report=False).alignments[1] if init == 'weight_matching' else {}
-    Z = {}
-    for n, grp in spec.groups.items():
-        P0 = Transform.perm(wm[n].merge).matrices()[0] if n in wm else torch.eye(grp.size)
-        Z[n] = (P0 + noise * torch.randn(grp.size, grp.size, generator=g)).to(dev).requires_grad_(True)
+    Z = _init_logits(sds, spec, init, noise, seed, g, dev)
     start = _harden(Z)
-    opt = torch.optim.AdamW(Z.values(), lr=lr)
     tmpl = template.to(dev).eval() if template is not None else None
     if loss == 'distance': batches = [(None, None)] * steps
     else:
-        x, y = x.to(dev), y.to(dev); xh, yh = x, y  # judged on all of the data, or on a held-out part
-        if holdout:
-            i = torch.randperm(len(x), generator=g).to(dev); k = max(1, round(holdout * len(x)))
-            xh, yh, x, y = x[i[:k]], y[i[:k]], x[i[k:]], y[i[k:]]
+        x, y, xh, yh = _holdout_split(x, y, holdout, g, dev)
         batches = [b for _ in range(epochs) for b in TensorLoader(x, y, batch_size, shuffle=True, seed=seed)]
     params = [k for k in A if A[k].is_floating_point() and not is_stat(k)]
-    losses = []
-    for xb, yb in batches:
-        P = {n: sinkhorn(z / tau, n_iter) for n, z in Z.items()}
-        Bs = apply(B, spec, {n: Transform(p, p.T) for n, p in P.items()})
-        if loss == 'distance': L = sum(((A[k] - Bs[k]) ** 2).sum() for k in params)
-        else:
-            lam = float(torch.rand((), generator=g)) if loss == 'random' else 0.5
-            L = _midpoint_loss(tmpl, A, Bs, xb, yb, lam)
-        opt.zero_grad(); L.backward(); opt.step(); losses.append(L.item())
+    step_loss = lambda xb, yb: _relaxed_loss(A, B, spec, Z, loss, params, tau, n_iter, tmpl, xb, yb, g)
+    losses = _descend(Z, batches, lr, step_loss)
     result = _harden(Z)
-    with torch.no_grad():  # how sharp the soft matrices ended: their mean mass on the hardened entries
-        mass = {n: float(sinkhorn(z / tau, n_iter)[torch.arange(len(result[n].merge), device=dev), result[n].merge.to(dev)].mean()) for n, z in Z.items()}
+    mass = _matched_mass(Z, result, tau, n_iter, dev)
     kw = dict(tmpl=tmpl, x=xh, y=yh, batch_size=batch_size) if loss != 'distance' else {}
-    l0, l1 = _hard_loss(A, B, spec, start, loss, params, **kw), _hard_loss(A, B, spec, result, loss, params, **kw)
-    kept = 'result' if l1 < l0 else 'start'
-    moved = {n: int((result[n].merge != start[n].merge).sum()) for n in Z}
+    al, verdict = _keep_better(_hard_loss(A, B, spec, start, loss, params, **kw),
+                               _hard_loss(A, B, spec, result, loss, params, **kw), start, result)
     info = {'time_s': time.time() - t0, 'steps': len(losses), 'losses': losses, 'loss': loss, 'init': init,
-            'hard_loss': 'distance' if loss == 'distance' else 'midpoint', 'start_loss': l0, 'result_loss': l1, 'kept': kept,
-            'moved': moved, 'moved_total': sum(moved.values()), 'matched_mass': mass}
+            'hard_loss': 'distance' if loss == 'distance' else 'midpoint', **verdict, 'matched_mass': mass}
     if loss != 'distance': info['judged_on'] = len(xh)
-    return MatchResult([{}, result if kept == 'result' else start], info)
+    return MatchResult([{}, al], info)

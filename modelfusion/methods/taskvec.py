@@ -23,6 +23,7 @@ def delta_keys(sd: StateDict, # a state dict
     sd = as_sd(sd)
     return [k for k, v in sd.items() if is_float(v) and not is_stat(k)]
 
+# %% ../../nbs/methods/taskvec.ipynb #2b9312fd
 def _as_models(sds, base):
     "`as_sds` of the models and `as_sd` of the base (None stays None: `check_base` explains it)."
     return as_sds(sds), (None if base is None else as_sd(base, 'the base model'))
@@ -39,6 +40,7 @@ def check_base(sds: list[StateDict], # fine-tuned models
     if not sds: raise IncompatibleModels("nothing to merge: the list of models is empty")
     check_compatible([base, *sds], ['the base model', *[f'model {i}' for i in range(len(sds))]])
 
+# %% ../../nbs/methods/taskvec.ipynb #2fc6d2f4
 def task_vectors(sds: list[StateDict], # fine-tuned models
                  base: StateDict, # their common base
                  method: str='task vectors', # the caller, for error messages
@@ -48,6 +50,7 @@ def task_vectors(sds: list[StateDict], # fine-tuned models
     check_base(sds, base, method)
     return [{k: sd[k].float() - base[k].float() for k in delta_keys(base)} for sd in sds]
 
+# %% ../../nbs/methods/taskvec.ipynb #b42926f0
 def from_delta(base: StateDict, # the base model
                delta: StateDict, # a merged task vector (on `delta_keys`)
                sds: list[StateDict], # the models (their BatchNorm statistics are averaged)
@@ -86,6 +89,25 @@ def trim_topk(tv: StateDict, # one task vector
     thr = flat.kthvalue(flat.numel() - keep + 1).values  # the keep-th largest magnitude
     return {n: t * (t.abs() >= thr) for n, t in tv.items()}
 
+# %% ../../nbs/methods/taskvec.ipynb #295bc00d
+def _elect_merge(T, merge_func):
+    "Elect each entry's sign γ from the stacked task vectors `T`, then merge the entries that agree with it."
+    gamma = torch.sign(T.sum(0))  # elected sign: the sign of the total mass
+    agree = (torch.sign(T) == gamma) & (T != 0)
+    Ta = T * agree
+    if merge_func == 'sum': return Ta.sum(0)
+    if merge_func == 'mean': return Ta.sum(0) / agree.sum(0).clamp_min(1)
+    return gamma * (Ta.abs()).amax(0)
+
+# %% ../../nbs/methods/taskvec.ipynb #f053743b
+def _ties(tv, base, sds, k=0.2, lam=1.0, merge_func='mean'):  # on task vectors (DARE reuses it)
+    if merge_func not in ('mean', 'sum', 'max'):
+        raise UnknownName(f"unknown merge_func '{merge_func}'; known: max, mean, sum")
+    tv = [trim_topk(t, k) for t in tv]
+    delta = {n: lam * _elect_merge(torch.stack([t[n] for t in tv]), merge_func) for n in tv[0]}
+    return from_delta(base, delta, sds)
+
+# %% ../../nbs/methods/taskvec.ipynb #56c76e35
 def _percent(t): return t / 100  # FusionBench's TIES threshold is the percentage of entries kept; our k is a fraction
 
 @METHODS.register('ties_merging', paper='https://arxiv.org/abs/2306.01708',
@@ -99,21 +121,6 @@ def ties_merging(sds: list[StateDict], # models fine-tuned from `base`
     "TIES-merging (Yadav et al., 2023): trim to the top-k%, elect a sign per entry, merge the agreeing entries."
     sds, base = _as_models(sds, base)
     return _ties(task_vectors(sds, base, 'TIES-merging'), base, sds, k, lam, merge_func)
-
-def _ties(tv, base, sds, k=0.2, lam=1.0, merge_func='mean'):  # on task vectors (DARE reuses it)
-    if merge_func not in ('mean', 'sum', 'max'): raise UnknownName(f"unknown merge_func '{merge_func}'; known: max, mean, sum")
-    tv = [trim_topk(t, k) for t in tv]
-    delta = {}
-    for n in tv[0]:
-        T = torch.stack([t[n] for t in tv])
-        gamma = torch.sign(T.sum(0))  # elected sign: the sign of the total mass
-        agree = (torch.sign(T) == gamma) & (T != 0)
-        Ta = T * agree
-        if merge_func == 'sum': d = Ta.sum(0)
-        elif merge_func == 'mean': d = Ta.sum(0) / agree.sum(0).clamp_min(1)
-        else: d = gamma * (Ta.abs()).amax(0)
-        delta[n] = lam * d
-    return from_delta(base, delta, sds)
 
 # %% ../../nbs/methods/taskvec.ipynb #f7f4d41e
 def dare_sparsify(tv: StateDict, # one task vector
@@ -130,22 +137,26 @@ def dare_sparsify(tv: StateDict, # one task vector
         out[n] = t * keep / (1 - p) if rescale else t * keep
     return out
 
+# %% ../../nbs/methods/taskvec.ipynb #f958ccc8
 def _avg(tv, base, sds):  # θ₀ + mean τᵢ: simple averaging on (sparsified) task vectors
     return _ta(tv, base, sds, 1 / len(tv))
 
 _DARE_BASES = {'task_arithmetic': _ta, 'ties_merging': _ties, 'simple_average': _avg}
 
+# %% ../../nbs/methods/taskvec.ipynb #e7de1022
 def dare(sds: list[StateDict], # models fine-tuned from `base`
          base: StateDict|None, # the base model θ₀
          p: float=0.5, # drop rate
-         merge: str='task_arithmetic', # what merges the sparsified models: 'task_arithmetic', 'ties_merging' or 'simple_average'
+         # what merges the sparsified models: 'task_arithmetic', 'ties_merging' or 'simple_average'
+         merge: str='task_arithmetic',
          rescale: bool=True, # rescale kept entries by 1/(1-p)
          seed: int=0, # seed of the drop masks
          **merge_kw, # the merge's parameters (lam; k and merge_func for TIES)
         ) -> StateDict:
     "DARE (Yu et al., 2024): randomly drop task-vector entries, rescale the rest, then merge."
     sds, base = _as_models(sds, base)
-    if merge not in _DARE_BASES: raise UnknownName(f"unknown DARE merge '{merge}'; known: {', '.join(_DARE_BASES)}")
+    if merge not in _DARE_BASES:
+        raise UnknownName(f"unknown DARE merge '{merge}'; known: {', '.join(_DARE_BASES)}")
     g = torch.Generator().manual_seed(seed)
     tvs = [dare_sparsify(t, p, g, rescale) for t in task_vectors(sds, base, 'DARE')]
     return _DARE_BASES[merge](tvs, base, sds, **merge_kw)
@@ -178,6 +189,7 @@ def dare_ties(sds: list[StateDict], # models fine-tuned from `base`
     "DARE (drop and rescale) followed by TIES-merging."
     return dare(sds, base, p, 'ties_merging', rescale, seed, k=k, lam=lam, merge_func=merge_func)
 
+# %% ../../nbs/methods/taskvec.ipynb #fbacf501
 @METHODS.register('dare_simple_average', paper='https://arxiv.org/abs/2311.03099', aliases=['dare/simple_average'],
                   renames={'sparsity_ratio': 'p'})
 def dare_simple_average(sds: list[StateDict], # models fine-tuned from `base`

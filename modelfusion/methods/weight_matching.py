@@ -9,6 +9,7 @@ from typing import Literal
 import numpy as np
 import torch
 from torch import Tensor
+from fastcore.basics import patch
 from scipy.optimize import linear_sum_assignment
 from ..core import *
 from ..spec import *
@@ -27,15 +28,18 @@ def apply_perm_axis(w: Tensor, a: Axis, perm: Tensor) -> Tensor:
     "Permute one axis of `w` by an index vector (respecting blocks and offsets)."
     if a.block > 1: perm = (perm[:, None] * a.block + torch.arange(a.block, device=perm.device)).reshape(-1)
     if a.offset or len(perm) != w.shape[a.dim]:
-        idx = torch.arange(w.shape[a.dim], device=perm.device); idx[a.offset:a.offset + len(perm)] = perm + a.offset
+        idx = torch.arange(w.shape[a.dim], device=perm.device)
+        idx[a.offset:a.offset + len(perm)] = perm + a.offset
         perm = idx
     return w.index_select(a.dim, perm)
 
+# %% ../../nbs/methods/weight_matching.ipynb #1b63bd52
 def wm_objective(sd_a: StateDict, sd_b: StateDict, spec: Spec, alignment: Alignment) -> float:
     "Σ_p ⟨W^A_p, π(W^B)_p⟩ over the parameters the spec touches (the weight-matching objective)."
     sd_a, sd_b = as_sd(sd_a, 'model A'), as_sd(sd_b, 'model B')
     b = apply(sd_b, spec, alignment) if alignment else sd_b
-    # products in the tensors' own dtype, pairwise sums (relative error ~1e-7 in float32), summed over tensors in float64
+    # products in the tensors' own dtype, pairwise sums (relative error ~1e-7 in float32),
+    # summed over tensors in float64
     return sum(float((sd_a[p] * b[p]).sum()) for p in spec.by_param() if not is_stat(p))
 
 # %% ../../nbs/methods/weight_matching.ipynb #7d88204e
@@ -49,39 +53,177 @@ def _positions(units: Tensor, b: Axis) -> Tensor:
     if b.block > 1: units = (units[:, None] * b.block + torch.arange(b.block, device=units.device)).reshape(-1)
     return units + b.offset
 
-def _potentials(C: np.ndarray, col: np.ndarray, v: np.ndarray, max_iter: int=10, out: np.ndarray|None=None) -> np.ndarray:
-    "Column duals v of min -C: -C_ij - u_i - v_j ≥ 0, tight on the optimal `col` (Bellman-Ford from v, at most max_iter rounds)."
-    k = len(col); ar = np.arange(k); inv = np.empty(k, np.int64); inv[col] = ar
-    v = v.copy(); off = v[col] + C[ar, col]  # row i reaches column j at v_col(i) - C_ij + C_i,col(i)
+# %% ../../nbs/methods/weight_matching.ipynb #6b8f670e
+class _Term:
+    "One tensor's part of a group's cost, cached with the neighbour permutations it was computed for."
+    def __init__(self, p: str, a: Axis, deps: list[tuple[str, Axis]]):
+        self.p, self.a, self.deps, self.T, self.snap, self.corrected = p, a, deps, None, None, 0
+
+# %% ../../nbs/methods/weight_matching.ipynb #6dae3f4b
+@patch
+def value(self: _Term, A: dict, B: dict, Am: Tensor, k: int, perms: dict, sizes: dict, refresh: float) -> Tensor:
+    "The term for the current permutations: cached, corrected for a moved neighbour, or recomputed."
+    if self.T is not None:
+        moved = [(h, b) for h, b in self.deps
+                 if self.snap[h] is not perms[h] and not torch.equal(self.snap[h], perms[h])]
+        if not moved: return self.T
+        if len(self.deps) == 1 and self._correct(A, B, k, perms, sizes, refresh, *moved[0]): return self.T
+    self.T = Am @ _mat(_permute_all(B[self.p], self.deps, perms), self.a, k).T
+    self.snap, self.corrected = {h: perms[h] for h, _ in self.deps}, 0
+    return self.T
+
+# %% ../../nbs/methods/weight_matching.ipynb #8c185911
+@patch
+def _correct(self: _Term, A: dict, B: dict, k: int, perms: dict, sizes: dict, refresh: float, h: str, b: Axis) -> bool:
+    "Add the rank-r correction for the r units of neighbour `h` that moved, if the refresh budget allows."
+    old, new = self.snap[h], perms[h]
+    u = (old != new).nonzero().squeeze(1)
+    if self.corrected + len(u) <= refresh * sizes[h]:
+        Bn = _mat(B[self.p].index_select(b.dim, _positions(new[u], b)), self.a, k)
+        Bo = _mat(B[self.p].index_select(b.dim, _positions(old[u], b)), self.a, k)
+        self.T = self.T + _mat(A[self.p].index_select(b.dim, _positions(u, b)), self.a, k) @ (Bn - Bo).T
+        self.snap, self.corrected = {h: new}, self.corrected + len(u)
+        return True
+    return False
+
+# %% ../../nbs/methods/weight_matching.ipynb #3e8e9ab3
+def _potentials(C: np.ndarray, col: np.ndarray, v: np.ndarray, max_iter: int=10,
+                out: np.ndarray|None=None) -> np.ndarray:
+    "Column duals v of min -C (-C_ij - u_i - v_j ≥ 0), tight on the optimal `col` (≤ max_iter Bellman-Ford rounds)."
+    k, ar = len(col), np.arange(len(col))
+    inv = np.empty(k, np.int64)
+    inv[col] = ar
+    v = v.copy()
+    off = v[col] + C[ar, col]  # row i reaches column j at v_col(i) - C_ij + C_i,col(i)
     eps = 1e-12 * (1.0 + np.abs(C[ar, col]).max())
     cand = -np.subtract(C, off[:, None], out=out).max(0)
     for _ in range(max_iter):
         ch = np.nonzero(cand < v - eps)[0]
         if not len(ch): return v
-        v[ch] = cand[ch]; rows = inv[ch]; off[rows] = v[ch] + C[rows, ch]
+        v[ch] = cand[ch]
+        rows = inv[ch]
+        off[rows] = v[ch] + C[rows, ch]
         cand = -(C[rows] - off[rows, None]).max(0)
     return v  # not yet feasible everywhere: still a good start (any u, v give an equivalent problem)
 
-class _Term:
-    "One tensor's part of a group's cost, cached with the neighbour permutations it was computed for."
-    def __init__(self, p: str, a: Axis, deps: list[tuple[str, Axis]]):
-        self.p, self.a, self.deps, self.T, self.snap, self.corrected = p, a, deps, None, None, 0
-    def value(self, A: dict, B: dict, Am: Tensor, k: int, perms: dict, sizes: dict, refresh: float) -> Tensor:
-        "The term for the current permutations: cached, corrected for a moved neighbour, or recomputed."
-        if self.T is not None:
-            moved = [(h, b) for h, b in self.deps if self.snap[h] is not perms[h] and not torch.equal(self.snap[h], perms[h])]
-            if not moved: return self.T
-            if len(self.deps) == 1:
-                (h, b), = moved; old, new = self.snap[h], perms[h]
-                u = (old != new).nonzero().squeeze(1)
-                if self.corrected + len(u) <= refresh * sizes[h]:
-                    dB = _mat(B[self.p].index_select(b.dim, _positions(new[u], b)), self.a, k) - _mat(B[self.p].index_select(b.dim, _positions(old[u], b)), self.a, k)
-                    self.T = self.T + _mat(A[self.p].index_select(b.dim, _positions(u, b)), self.a, k) @ dB.T
-                    self.snap, self.corrected = {h: new}, self.corrected + len(u)
-                    return self.T
-        self.T = Am @ _mat(_permute_all(B[self.p], self.deps, perms), self.a, k).T
-        self.snap, self.corrected = {h: perms[h] for h, _ in self.deps}, 0
-        return self.T
+# %% ../../nbs/methods/weight_matching.ipynb #bb50d194
+def _reduced(C: np.ndarray, cur: np.ndarray, v: np.ndarray|None) -> np.ndarray:
+    "Costs of max C as min R, with R = M - u - v ≥ 0 from row and column minima (v None), else from duals `v`."
+    if v is None:
+        R = np.subtract(C.max(1, keepdims=True), C)
+        R -= R.min(0, keepdims=True)
+    else:
+        R = np.subtract((C[np.arange(len(cur)), cur] + v[cur])[:, None], C)
+        R -= v
+    return R
+
+# %% ../../nbs/methods/weight_matching.ipynb #672fd391
+def _start_perms(sizes: dict[str, int], init: Alignment|None, dev) -> dict[str, Tensor]:
+    "B's first permutations: the identity, or `init`'s (each checked to be a permutation of its group's size)."
+    perms = {n: torch.arange(s, device=dev) for n, s in sizes.items()}
+    for n, t in (init or {}).items():
+        if n not in perms or not t.is_perm or t.shape[1] != sizes[n]:
+            raise ValueError(f"init for group '{n}' is not a permutation of size {sizes.get(n)}")
+        perms[n] = t.merge.to(dev)
+    return perms
+
+class _Costs:
+    "Weight matching's state: B's permutations `perms`, each group's cost as cached terms, the duals of its last solve."
+    def __init__(self, sds: list[StateDict], spec: Spec, init: Alignment|None, refresh: float, warm: bool, dev):
+        by_param = {p: axs for p, axs in spec.by_param().items() if not is_stat(p)}
+        self.A = {p: sds[0][p].to(dev, torch.float32) for p in by_param}
+        self.B = {p: sds[1][p].to(dev, torch.float32) for p in by_param}
+        self.sizes = {n: g.size for n, g in spec.groups.items()}
+        self.perms = _start_perms(self.sizes, init, dev)
+        self.refresh, self.warm, self.dev, self.solves, self.duals = refresh, warm, dev, 0, {}
+        self._terms(spec, by_param)
+
+# %% ../../nbs/methods/weight_matching.ipynb #a4e828d7
+@patch
+def _terms(self: _Costs, spec: Spec, by_param: dict[str, list[tuple[str, Axis]]]):
+    "Build each group's cached terms, its constant and its neighbours."
+    sizes = self.sizes
+    axes = {n: [a for a in g.axes if a.param in by_param] for n, g in spec.groups.items()}
+    self.Amat = {(n, i): _mat(self.A[a.param], a, sizes[n]) for n in axes for i, a in enumerate(axes[n])}
+    self.terms, self.const = {}, {}
+    for n in axes:
+        self.terms[n] = []
+        self.const[n] = torch.zeros(sizes[n], sizes[n], device=self.dev)
+        for i, a in enumerate(axes[n]):
+            deps = [(h, b) for h, b in by_param[a.param] if b.dim != a.dim]
+            if deps: self.terms[n].append((i, _Term(a.param, a, deps)))
+            else: self.const[n] += self.Amat[(n, i)] @ _mat(self.B[a.param], a, sizes[n]).T
+    self.neighbours = {n: {h for _, t in self.terms[n] for h, _ in t.deps} - {n} for n in axes}
+
+# %% ../../nbs/methods/weight_matching.ipynb #3d51592d
+@patch
+def cost(self: _Costs, n: str, settled: set[str]|None=None) -> np.ndarray:
+    "Group n's cost for the current permutations (only terms whose neighbours are all `settled`, if given)."
+    k = self.sizes[n]
+    C = self.const[n].clone()
+    for i, t in self.terms[n]:
+        if settled is None or all(h in settled for h, _ in t.deps):
+            C += t.value(self.A, self.B, self.Amat[(n, i)], k, self.perms, self.sizes, self.refresh)
+    return C.double().cpu().numpy()  # columns are B's own units: every term leaves group n's axis unpermuted
+
+@patch
+def solve(self: _Costs, n: str, settled: set[str]|None=None) -> tuple[np.ndarray, float, float]:
+    "Best assignment of group n with the others fixed, and the scores of the current and the new one."
+    C, k = self.cost(n, settled), self.sizes[n]
+    cur, ar = self.perms[n].cpu().numpy(), np.arange(k)
+    v = self.duals.get(n)
+    R = _reduced(C, cur, v)
+    _, col = linear_sum_assignment(R)
+    self.solves += 1
+    if self.warm: self.duals[n] = _potentials(C, col, np.zeros(k) if v is None else v, out=R)
+    return col, C[ar, cur].sum(), C[ar, col].sum()
+
+# %% ../../nbs/methods/weight_matching.ipynb #50f2bc19
+def _improves(old: float, new: float, tol: float) -> bool:
+    "Whether a solve's new score beats the current one by more than `tol`, relatively."
+    return new > old + tol * max(1.0, abs(old))
+
+@patch
+def greedy(self: _Costs, names: list[str], tol: float) -> set[str]:
+    "One pass in the spec's order, each group solved on its settled terms; returns the groups left dirty."
+    dirty, settled = set(names), set()
+    for n in names:
+        # a group solved on all its terms is optimal for its neighbours' current permutations until one moves
+        if all(h in settled for _, t in self.terms[n] for h, _ in t.deps): dirty.discard(n)
+        col, old, new = self.solve(n, settled)
+        settled.add(n)
+        if _improves(old, new, tol):
+            self.perms[n] = torch.as_tensor(col, device=self.dev)
+            dirty |= self.neighbours[n]
+    return dirty
+
+# %% ../../nbs/methods/weight_matching.ipynb #770a1079
+@patch
+def descend(self: _Costs, names: list[str], dirty: set[str], rng: np.random.Generator, max_sweeps: int,
+            tol: float) -> tuple[int, int, list[float]]:
+    "Coordinate descent on the `dirty` groups (emptied on convergence): sweeps, improving solves, gain per sweep."
+    sweeps, improved, gains = 0, 0, []
+    while dirty and sweeps < max_sweeps:
+        sweeps += 1
+        gains.append(0.0)
+        for gi in rng.permutation(len(names)):
+            n = names[gi]
+            if n not in dirty: continue
+            dirty.discard(n)
+            col, old, new = self.solve(n)
+            if _improves(old, new, tol):
+                self.perms[n] = torch.as_tensor(col, device=self.dev)
+                improved += 1
+                dirty |= self.neighbours[n]
+                gains[-1] += new - old
+    return sweeps, improved, gains
+
+# %% ../../nbs/methods/weight_matching.ipynb #890968f3
+def _objective_report(sd_a: StateDict, sd_b: StateDict, spec: Spec, al: Alignment, gains: list[float]) -> dict:
+    "The objective, the identity's, and the trace at the start and after each sweep (from the sweeps' gains)."
+    obj = wm_objective(sd_a, sd_b, spec, al)
+    return dict(objective=obj, objective_identity=wm_objective(sd_a, sd_b, spec, {}),
+                objective_trace=[obj - sum(gains[i:]) for i in range(len(gains) + 1)])
 
 # %% ../../nbs/methods/weight_matching.ipynb #8d80fcdd
 @MATCHERS.register('weight', paper='https://arxiv.org/abs/2209.04836', method='weight_matching')
@@ -89,85 +231,27 @@ def weight_matching(sds: list[StateDict], # [reference model A, model B]: B is p
                     spec: Spec, # the architecture's spec
                     max_sweeps: int=100, # cap on the number of sweeps over all groups
                     seed: int=0, # seed of the random group order
-                    init: Alignment|None=None, # warm start: initial permutations of B (e.g. from another matcher); skips `start`
+                    # warm start: initial permutations of B (e.g. from another matcher); skips `start`
+                    init: Alignment|None=None,
                     tol: float=1e-12, # minimum relative improvement of a group's assignment score that counts as progress
                     device: str|None='cpu', # where the cost matrices are computed
                     report: bool=True, # compute the objective, its trace and the identity's (two passes over the tensors)
-                    start: Literal['greedy', 'identity']='greedy', # first guess without `init`: 'greedy' (one pass on settled terms) or 'identity'
-                    refresh: float=1.0, # recompute a term once its rank corrections moved more than refresh × k_h units (0: never correct)
+                    # first guess without `init`: 'greedy' (one pass on settled terms) or 'identity'
+                    start: Literal['greedy', 'identity']='greedy',
+                    # recompute a term once its rank corrections moved more than refresh × k_h units (0: never correct)
+                    refresh: float=1.0,
                     warm: bool=True, # warm-start each assignment from the duals of the group's previous one
                    ) -> MatchResult:
     "Git Re-Basin weight matching: permutations of B's units that maximise Σ⟨W_A, π(W_B)⟩ (coordinate descent)."
     sds = two_models(sds, 'weight matching', '; for N models use a universe matcher')
     if start not in ('greedy', 'identity'): raise UnknownName(f"unknown start '{start}'; known: greedy, identity")
     spec.check(sds[0], 'model A')
-    dev = get_device(device)
-    by_param = {p: axs for p, axs in spec.by_param().items() if not is_stat(p)}
-    A = {p: sds[0][p].to(dev, torch.float32) for p in by_param}
-    B = {p: sds[1][p].to(dev, torch.float32) for p in by_param}
-    sizes = {n: g.size for n, g in spec.groups.items()}
-    perms = {n: torch.arange(s, device=dev) for n, s in sizes.items()}
-    for n, t in (init or {}).items():
-        if n not in perms or not t.is_perm or t.shape[1] != sizes[n]: raise ValueError(f"init for group '{n}' is not a permutation of size {sizes.get(n)}")
-        perms[n] = t.merge.to(dev)
-    axes = {n: [a for a in g.axes if a.param in by_param] for n, g in spec.groups.items()}
-    Amat = {(n, i): _mat(A[a.param], a, sizes[n]) for n in axes for i, a in enumerate(axes[n])}
-    # a term depends on the groups on the tensor's other dims (another group on the same dim, after a concatenation,
-    # lies outside this axis's span); a tensor no other group touches gives a constant, summed once
-    terms, const = {}, {}
-    for n in axes:
-        terms[n] = []; const[n] = torch.zeros(sizes[n], sizes[n], device=dev)
-        for i, a in enumerate(axes[n]):
-            deps = [(h, b) for h, b in by_param[a.param] if b.dim != a.dim]
-            if deps: terms[n].append((i, _Term(a.param, a, deps)))
-            else: const[n] += Amat[(n, i)] @ _mat(B[a.param], a, sizes[n]).T
-    neighbours = {n: {h for _, t in terms[n] for h, _ in t.deps} - {n} for n in axes}
-    rng = np.random.default_rng(seed); names = list(spec.groups)
-    solves, t0, duals = 0, time.time(), {}
-
-    def solve(n, settled=None):
-        "Best assignment of group n with the others fixed (only terms whose neighbours are all `settled`, if given)."
-        nonlocal solves
-        k = sizes[n]; C = const[n].clone()
-        for i, t in terms[n]:
-            if settled is None or all(h in settled for h, _ in t.deps): C += t.value(A, B, Amat[(n, i)], k, perms, sizes, refresh)
-        C = C.double().cpu().numpy()  # columns are B's own units: every term leaves group n's axis unpermuted
-        cur, ar = perms[n].cpu().numpy(), np.arange(k)
-        # SciPy's solver minimises and finds shorter augmenting paths on reduced costs M - u - v ≥ 0 (subtracting
-        # u_i from a row and v_j from a column changes every assignment's total by the same amount, so no ranking):
-        # row-then-column minima the first time, then the duals of this group's last solve, made tight on `cur`
-        v = duals.get(n)
-        if v is None: R = np.subtract(C.max(1, keepdims=True), C); R -= R.min(0, keepdims=True)
-        else: R = np.subtract((C[ar, cur] + v[cur])[:, None], C); R -= v
-        _, col = linear_sum_assignment(R); solves += 1
-        if warm: duals[n] = _potentials(C, col, np.zeros(k) if v is None else v, out=R)
-        return col, C[ar, cur].sum(), C[ar, col].sum()
-
-    dirty, sweeps, improved = set(names), 0, 0
-    if init is None and start == 'greedy':
-        settled = set()
-        for n in names:
-            # a group solved on all its terms is optimal for its neighbours' current permutations until one moves
-            if all(h in settled for _, t in terms[n] for h, _ in t.deps): dirty.discard(n)
-            col, old, new = solve(n, settled); settled.add(n)
-            if new > old + tol * max(1.0, abs(old)): perms[n] = torch.as_tensor(col, device=dev); dirty |= neighbours[n]
-    # the objective changes by exactly a solve's improvement (the other groups' terms are fixed), so the trace is
-    # the final objective minus the gains still to come: one pass over the tensors instead of two
-    gains = []
-    while dirty and sweeps < max_sweeps:
-        sweeps += 1; gains.append(0.0)
-        for gi in rng.permutation(len(names)):
-            n = names[gi]
-            if n not in dirty: continue
-            dirty.discard(n)
-            col, old, new = solve(n)
-            if new > old + tol * max(1.0, abs(old)):
-                perms[n] = torch.as_tensor(col, device=dev); improved += 1
-                dirty |= neighbours[n]; gains[-1] += new - old
-    al = {n: Transform.perm(p.cpu()) for n, p in perms.items()}
-    info = {'sweeps': sweeps, 'solves': solves, 'time_s': time.time() - t0, 'converged': not dirty, 'improved': improved, 'start': 'init' if init is not None else start}
-    if report:
-        obj = wm_objective(sds[0], sds[1], spec, al)
-        info.update(objective=obj, objective_identity=wm_objective(sds[0], sds[1], spec, {}),
-                    objective_trace=[obj - sum(gains[i:]) for i in range(len(gains) + 1)])  # at the start and after each sweep
+    c = _Costs(sds, spec, init, refresh, warm, get_device(device))
+    names, t0 = list(spec.groups), time.time()
+    dirty = c.greedy(names, tol) if init is None and start == 'greedy' else set(names)
+    sweeps, improved, gains = c.descend(names, dirty, np.random.default_rng(seed), max_sweeps, tol)
+    al = {n: Transform.perm(p.cpu()) for n, p in c.perms.items()}
+    info = {'sweeps': sweeps, 'solves': c.solves, 'time_s': time.time() - t0, 'converged': not dirty,
+            'improved': improved, 'start': 'init' if init is not None else start}
+    if report: info.update(_objective_report(sds[0], sds[1], spec, al, gains))
     return MatchResult([{}, al], info)
