@@ -155,7 +155,8 @@ def sinkhorn_matching(sds: list[StateDict], # [reference model A, model B] (modu
     if loss == 'distance': batches = [(None, None)] * steps
     else:
         x, y, xh, yh = _holdout_split(x, y, holdout, g, dev)
-        batches = [b for _ in range(epochs) for b in TensorLoader(x, y, batch_size, shuffle=True, seed=seed)]
+        loader = TensorLoader(x, y, batch_size, shuffle=True, seed=seed)  # one loader: a new order every epoch
+        batches = (b for _ in range(epochs) for b in loader)
     params = [k for k in A if A[k].is_floating_point() and not is_stat(k)]
     step_loss = lambda xb, yb: _relaxed_loss(A, B, spec, Z, loss, params, tau, n_iter, tmpl, xb, yb, g)
     losses = _descend(Z, batches, lr, step_loss)
