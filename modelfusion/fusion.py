@@ -65,12 +65,16 @@ class MatcherRegistry(Registry):
     "`MATCHERS`: registering a matcher also registers the method that aligns N models with it (named `method`)."
     def __init__(self, *args, **kw):
         super().__init__(*args, **kw)
-        self.method_of = {}
-    def register(self, name: str, paper: str='', summary: str='', method: str|None=None, **kw):
+        self.method_of, self.universe = {}, set()
+    def register(self, name: str, paper: str='', summary: str='', method: str|None=None,
+                 universe: bool=False, # True: the matcher takes all N models at once and returns N alignments
+                 **kw):
         deco = Registry.register(self, name, paper, summary, **kw)
         def wrap(fn):
             deco(fn)
             self.method_of[name] = method or f'{name}_matching'
+            if universe: self.universe.add(name)
+            else: self.universe.discard(name)
             METHODS.register(self.method_of[name], paper)(align_method(name))
             return fn
         return wrap
@@ -368,6 +372,18 @@ def _align_onto(m: Entry, matcher: str, pool: Pool, spec: Spec, record: dict, re
                                 'time_s': time.time() - t, 'info': _brief(res.info)})
     return aligned, alignments
 
+def _align_all(m: Entry, matcher: str, pool: Pool, spec: Spec, record: dict, provided: dict,
+               params: dict) -> tuple[list[StateDict], dict[str, Alignment]]:
+    "Every model of `pool` mapped into the shared space of a universe matcher, called once on all N models."
+    t = time.time()
+    res = m.fn(**inject(m.fn, {**provided, 'sds': pool.sds}, params, f"{matcher} matching"))
+    if len(res.alignments) != len(pool):
+        raise ValueError(f"{matcher} returned {len(res.alignments)} alignments for {len(pool)} models")
+    record['steps'].append({'step': 'match', 'matcher': matcher, 'models': pool.names, 'into': 'a shared space',
+                            'time_s': time.time() - t, 'info': _brief(res.info)})
+    aligned = [apply(sd, spec, al) for sd, al in zip(pool.sds, res.alignments)]
+    return aligned, dict(zip(pool.names, res.alignments))
+
 # %% ../nbs/05_fusion.ipynb #0245ebca
 def _align_average(matcher: str, pool: Pool, spec: Spec, record: dict, ref: int=0, fix: str='none',
                    n_samples: int=5000, **params) -> StateDict:
@@ -380,7 +396,8 @@ def _align_average(matcher: str, pool: Pool, spec: Spec, record: dict, ref: int=
     needs = any(k in m.params() for k in ('x', 'template'))
     x, y = _ref_data(pool, matcher, needs, ref, fix, n_samples)
     provided = dict(spec=spec, template=pool.template, x=x, y=y, device=str(pool.device))
-    aligned, alignments = _align_onto(m, matcher, pool, spec, record, ref, provided, params)
+    if matcher in MATCHERS.universe: aligned, alignments = _align_all(m, matcher, pool, spec, record, provided, params)
+    else: aligned, alignments = _align_onto(m, matcher, pool, spec, record, ref, provided, params)
     merged = sd_combine(aligned, [1.0 / N] * N)
     record['steps'].append({'step': 'average', 'models': N})
     record['alignments'] = alignments
