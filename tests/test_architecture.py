@@ -30,6 +30,8 @@ def _imports(path: Path) -> set[str]:
 
 def test_there_are_method_modules():
     assert len(METHOD_MODULES) >= 8, METHOD_MODULES
+    mods = {e.fn.__module__ for r in (MATCHERS, METHODS, FIXES, SELECTORS) for e in r.ready().entries.values()}
+    assert len({m for m in mods if m.startswith('modelfusion.methods.')}) >= 8  # most modules register methods
 
 
 @pytest.mark.parametrize('path', METHOD_MODULES, ids=lambda p: p.stem)
@@ -42,12 +44,13 @@ def test_method_modules_import_nothing_above_the_contracts(path):
 def test_every_method_module_registers_what_it_defines(path):
     mod = f'modelfusion.methods.{path.stem}'
     registered = {e.fn.__qualname__ for r in (MATCHERS, METHODS, FIXES, SELECTORS) for e in r.ready().entries.values() if e.fn.__module__ == mod}
-    assert registered, f"{mod} registers nothing"
-    # every function it decorates with a registry's `register` is in that registry
+    # every function it decorates with a registry's `register` is in that registry (a support module such as
+    # `features`, shared by several methods, registers nothing and decorates nothing)
     tree = ast.parse(path.read_text())
     decorated = {f.name for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)
                  and any('register' in ast.unparse(d) for d in f.decorator_list)}
     assert decorated <= registered, decorated - registered
+    assert registered or not decorated
 
 
 def test_every_registered_function_lives_in_a_method_module_or_the_contracts():
