@@ -4,16 +4,11 @@ from pathlib import Path
 from conftest import ROOT
 
 EXPERIMENTS = sorted((ROOT/'nbs'/'experiments').glob('*.ipynb'))
-# Tiny parameters per experiment notebook: every notebook in nbs/experiments/ must have an entry.
-SMOKE = {
-    # list parameters as strings, the way `papermill -p widths "[32, 32]"` passes them: the runner parses them
-    'git_rebasin_mnist_mlp': dict(dataset='digits', widths='[32, 32]', epochs=2, n_lams=3, eval_samples=300, matchers='[weight, activation, ste]'),
-    'repair': dict(model='mlp', model_kw={'widths': [32, 32]}, dataset='digits', train_kw={'epochs': 2, 'batch_size': 64},
-                   n_lams=3, repair_lams=3, calib_samples=500, eval_samples=300),
-    'git_rebasin_resnet20_width': dict(widths=[0.25, 0.5], dataset='digits', train_kw={'epochs': 1, 'batch_size': 64}, n_lams=3, eval_samples=200),
-    'task_merging': dict(modelpool='digits_mlp_tasks', taskpool='digits_tasks', methods=['simple_average', 'task_arithmetic', 'ties_merging',
-                         'dare_ties', 'fisher_merging', 'regmean']),
-}
+# Tiny parameters per experiment notebook, in nbs/experiments/profiles/<notebook>/smoke.yaml: every notebook needs one.
+def smoke(nb: Path) -> dict:
+    import yaml
+    p = ROOT/'nbs'/'experiments'/'profiles'/nb.stem/'smoke.yaml'
+    return yaml.safe_load(p.read_text()) if p.exists() else None
 
 def test_profiles_name_real_parameters():
     "Every YAML profile only sets parameters that its notebook's parameters cell defines."
@@ -31,14 +26,15 @@ def _kernel():
 
 def test_every_experiment_has_smoke_parameters():
     assert EXPERIMENTS, 'no experiment notebooks found'
-    assert {p.stem for p in EXPERIMENTS} <= set(SMOKE), f"add smoke parameters for {[p.stem for p in EXPERIMENTS if p.stem not in SMOKE]}"
+    missing = [p.stem for p in EXPERIMENTS if smoke(p) is None]
+    assert not missing, f"add nbs/experiments/profiles/<notebook>/smoke.yaml for {missing}"
 
 @pytest.mark.parametrize('nb', EXPERIMENTS, ids=lambda p: p.stem)
 def test_experiment_notebook_runs(nb, tmp_path, monkeypatch):
     import papermill as pm
     monkeypatch.setenv('MODELFUSION_CACHE', str(tmp_path/'cache'))
     out = tmp_path/'run'
-    pm.execute_notebook(str(nb), str(tmp_path/nb.name), parameters={**SMOKE[nb.stem], 'out': str(out)},
+    pm.execute_notebook(str(nb), str(tmp_path/nb.name), parameters={**smoke(nb), 'out': str(out)},
                         kernel_name=_kernel(), cwd=str(nb.parent), progress_bar=False)
     assert json.loads((out/'params.json').read_text()) and json.loads((out/'metrics.json').read_text())
     assert (out/'.modelfusion-run').exists()  # a finished, all-or-nothing run folder
