@@ -38,17 +38,18 @@ class MLP(nn.Module):
                  num_classes: int=10, # outputs
                  norm: str|None=None, # None, 'bn' or 'ln'
                  width: float=1, # multiplier applied to every hidden width
+                 bias: bool=True, # False: linear layers without biases (e.g. OT Fusion's MLPNet)
                 ):
         super().__init__()
         if not widths: raise ValueError("an MLP needs at least one hidden layer")
         layers, d = [], in_dim
         for w in widths:
             w = _w(w, width)
-            layers.append(nn.Linear(d, w))
+            layers.append(nn.Linear(d, w, bias=bias))
             if (n := make_norm(norm, w, conv=False)) is not None: layers.append(n)
             layers.append(nn.ReLU())
             d = w
-        layers.append(nn.Linear(d, num_classes))
+        layers.append(nn.Linear(d, num_classes, bias=bias))
         self.layers = nn.Sequential(*layers)
     def forward(self, x: Tensor) -> Tensor: return self.layers(x.flatten(1))
 
@@ -61,6 +62,7 @@ def _vgg_layers(cfg: list, # a VGG_CFGS entry
                 c: int, # input channels
                 width: float, # channel multiplier
                 norm: str|None, # None, 'bn' or 'ln'
+                bias: bool=True, # False: convolutions without biases
                ) -> tuple[list[nn.Module], int]:
     "The `features` layers of a VGG config, and the number of channels they output."
     layers = []
@@ -69,7 +71,7 @@ def _vgg_layers(cfg: list, # a VGG_CFGS entry
             layers.append(nn.MaxPool2d(2))
             continue
         v = _w(v, width)
-        layers.append(nn.Conv2d(c, v, 3, padding=1, bias=norm is None))
+        layers.append(nn.Conv2d(c, v, 3, padding=1, bias=bias and norm is None))
         if (n := make_norm(norm, v, conv=True)) is not None: layers.append(n)
         layers.append(nn.ReLU())
         c = v
@@ -83,12 +85,13 @@ class VGG(nn.Module):
                  width: float=1, # channel multiplier
                  norm: str|None='bn', # None, 'bn' or 'ln'
                  in_channels: int=3, # input channels
+                 bias: bool=True, # False: no biases anywhere (OT Fusion's VGG11)
                 ):
         super().__init__()
         if depth not in VGG_CFGS: raise UnknownName(f"unknown VGG '{depth}'; known: {', '.join(VGG_CFGS)}")
-        layers, c = _vgg_layers(VGG_CFGS[depth], in_channels, width, norm)
+        layers, c = _vgg_layers(VGG_CFGS[depth], in_channels, width, norm, bias)
         self.features = nn.Sequential(*layers)
-        self.classifier = nn.Linear(c, num_classes)
+        self.classifier = nn.Linear(c, num_classes, bias=bias)
     def forward(self, x: Tensor) -> Tensor: return self.classifier(self.features(x).flatten(1))
 
 # %% ../nbs/02_models.ipynb #7e8d7477
@@ -134,14 +137,14 @@ class ResNet20(nn.Module):
 MODELS = Registry('model')
 MODELS.register('mlp', summary='Multi-layer perceptron on flattened inputs.')(MLP)
 @MODELS.register('vgg11', paper='https://arxiv.org/abs/1409.1556')
-def vgg11(num_classes: int=10, width: float=1, norm: str|None='bn', in_channels: int=3) -> VGG:
+def vgg11(num_classes: int=10, width: float=1, norm: str|None='bn', in_channels: int=3, bias: bool=True) -> VGG:
     "VGG11 for 32x32 inputs."
-    return VGG('vgg11', num_classes, width, norm, in_channels)
+    return VGG('vgg11', num_classes, width, norm, in_channels, bias)
 
 @MODELS.register('vgg16', paper='https://arxiv.org/abs/1409.1556')
-def vgg16(num_classes: int=10, width: float=1, norm: str|None='bn', in_channels: int=3) -> VGG:
+def vgg16(num_classes: int=10, width: float=1, norm: str|None='bn', in_channels: int=3, bias: bool=True) -> VGG:
     "VGG16 for 32x32 inputs."
-    return VGG('vgg16', num_classes, width, norm, in_channels)
+    return VGG('vgg16', num_classes, width, norm, in_channels, bias)
 
 MODELS.register('resnet20', paper='https://arxiv.org/abs/1512.03385', summary='ResNet20 for 32x32 inputs.')(ResNet20)
 
