@@ -71,10 +71,11 @@ def _small():
 
 def test_ste_paper_profile_is_the_reference_recipe():
     m, spec, sd, planted, shuffled, x, y = _small()
-    assert STE_PROFILES['paper'] == dict(optimizer='sgd', lr=1e-2, momentum=0.9, epochs=250, batch_size=1000)
+    assert STE_PROFILES['paper'] == dict(optimizer='sgd', lr=1e-2, momentum=0.9, weight_decay=0.0, epochs=250, batch_size=1000)
     r = ste_matching([sd, shuffled], spec, template=m, x=x, y=y, profile='paper', epochs=1)
     assert r.info['optimizer'] == {'name': 'SGD', 'lr': 1e-2, 'momentum': 0.9}
-    assert r.info['settings'] == {'profile': 'paper', 'optimizer': 'sgd', 'lr': 1e-2, 'momentum': 0.9, 'epochs': 1, 'batch_size': 1000}
+    assert r.info['settings'] == {'profile': 'paper', 'optimizer': 'sgd', 'lr': 1e-2, 'momentum': 0.9, 'weight_decay': 0.0,
+                                 'epochs': 1, 'batch_size': 1000}
     assert r.info['steps'] == 1  # 1,000 samples in batches of 1,000, for the one epoch asked for
     fast = ste_matching([sd, shuffled], spec, template=m, x=x, y=y)
     assert fast.info['settings']['profile'] == 'fast' and fast.info['optimizer']['name'] == 'Adam'

@@ -122,9 +122,9 @@ def _midpoint_loss(template, sd_a, sd_b, xb, yb, lam=0.5):
 
 # %% ../../nbs/methods/activation.ipynb #7f1392fd
 STE_PROFILES = {
-    'fast': dict(optimizer='adam', lr=1e-3, momentum=0.0, epochs=1, batch_size=500),  # this library's quick default
+    'fast': dict(optimizer='adam', lr=1e-3, momentum=0.0, weight_decay=0.0, epochs=1, batch_size=500),  # quick default
     # git-re-basin src/mnist_mlp_ste2.py
-    'paper': dict(optimizer='sgd', lr=1e-2, momentum=0.9, epochs=250, batch_size=1000),
+    'paper': dict(optimizer='sgd', lr=1e-2, momentum=0.9, weight_decay=0.0, epochs=250, batch_size=1000),
 }
 
 def _ste_settings(profile: str, **given) -> dict:
@@ -141,8 +141,10 @@ def _ste_proxy(A: StateDict, cfg: dict) -> tuple[dict[str, Tensor], torch.optim.
     "The proxy θ̃ = θ_A (its trainable tensors, as float) and the optimiser of `cfg`."
     trainable = [k for k, v in A.items() if v.is_floating_point() and not is_stat(k)]
     proxy = {k: A[k].clone().float().requires_grad_(True) for k in trainable}
-    if cfg['optimizer'] == 'sgd': return proxy, torch.optim.SGD(proxy.values(), lr=cfg['lr'], momentum=cfg['momentum'])
-    return proxy, torch.optim.Adam(proxy.values(), lr=cfg['lr'])
+    wd = cfg['weight_decay']
+    if cfg['optimizer'] == 'sgd':
+        return proxy, torch.optim.SGD(proxy.values(), lr=cfg['lr'], momentum=cfg['momentum'], weight_decay=wd)
+    return proxy, torch.optim.Adam(proxy.values(), lr=cfg['lr'], weight_decay=wd)
 
 def _ste_project(sds: list[StateDict], proxy: dict[str, Tensor], spec: Spec, perm: Alignment, seed: int) -> Alignment:
     "π = WM(θ̃, θ_B), warm-started from the last π (A's other tensors complete the proxy)."
@@ -167,13 +169,15 @@ def ste_matching(sds: list[StateDict], # [reference model A, model B] (modules o
                  optimizer: Literal['adam', 'sgd']|None=None, # 'adam' or 'sgd' for the proxy; None: the profile's
                  lr: float|None=None, # learning rate of the proxy; None: the profile's
                  momentum: float|None=None, # SGD momentum (Adam ignores it); None: the profile's
+                 weight_decay: float|None=None, # L2 penalty on the proxy (Yamada et al. use 1e-4); None: the profile's (0)
                  seed: int=0, # data order and weight-matching seeds
                  device: str|None='cpu', # where to optimise
                 ) -> MatchResult:
     "Git Re-Basin straight-through estimator: learn θ̃, project it by weight matching, minimise the midpoint loss."
     if template is None or x is None or y is None:
         raise ValueError("STE matching needs data: pass template=<a module>, x=<inputs> and y=<labels>")
-    cfg = _ste_settings(profile, epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum)
+    cfg = _ste_settings(profile, epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum,
+                        weight_decay=weight_decay)
     sds = two_models(sds, 'STE matching')
     dev = get_device(device)
     tmpl = template.to(dev).eval()
