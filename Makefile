@@ -13,7 +13,7 @@ ifeq ($(origin MODELFUSION_DATA),undefined)
   endif
 endif
 
-.PHONY: env demo lab test sync nbtest pytest bench export clean
+.PHONY: env demo lab test sync nbtest pytest bench export clean docs test-docs readme
 
 env: $(VENV)/.installed
 
@@ -32,8 +32,9 @@ LAB_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root)
 lab: env
 	cd nbs && exec $(abspath $(BIN))/jupyter lab $(LAB_ROOT) $(LAB_ARGS)
 
-# The whole suite: notebooks in sync with modelfusion/, in-notebook tests, pytest (incl. papermill smoke runs).
-test: env sync nbtest pytest
+# The whole suite: notebooks in sync with modelfusion/, in-notebook tests, the docs site, pytest (incl. papermill smoke
+# runs and tests/test_docs.py, which loads the site just built in headless Chromium).
+test: env sync nbtest docs pytest
 
 sync: env
 	@before=$$(git status --porcelain -- nbs modelfusion); \
@@ -56,5 +57,19 @@ bench: env
 export: env
 	$(BIN)/nbdev_export && $(BIN)/nbdev_clean
 
+# The documentation site in _docs/, without Quarto: nbdev's notebook processors (every cell run, as nbdev_test runs
+# them, within DOCS_BUDGET seconds; then API entries only) and smalldocs reading _quarto.yml; see tools/build_docs.py.
+# `make docs DOCS_BUDGET=0` runs every notebook however long it takes. Serve it: python -m http.server -d _docs
+docs: env
+	$(BIN)/python tools/build_docs.py build $(if $(DOCS_BUDGET),--budget $(DOCS_BUDGET))
+
+# The site in a browser (Debian's chromium via Playwright) and the build's bad-input tests; screenshots: _docs_artifacts/
+test-docs: docs
+	MODELFUSION_PROGRESS=0 $(BIN)/pytest tests/test_docs.py -ra
+
+# README.md from nbs/index.ipynb, its source (tests/test_docs.py fails when they differ)
+readme: env
+	$(BIN)/python tools/build_docs.py readme
+
 clean:
-	rm -rf runs _docs _proc .pytest_cache
+	rm -rf runs _docs _docs.building-* _docs_artifacts _proc .pytest_cache .cache/docs
