@@ -18,7 +18,7 @@ __all__ = ['StateDict', 'RUN_MARKER', 'ModelFusionError', 'IncompatibleModels', 
            'CheckpointError', 'OutputNotWritable', 'NotAModel', 'clone_sd', 'is_stat', 'is_float', 'as_sd', 'as_sds',
            'check_finite', 'check_compatible', 'sd_combine', 'sd_lerp', 'seed_everything', 'get_device', 'autocast',
            'Entry', 'Registry', 'ensure_dir', 'atomic_path', 'atomic_write_text', 'write_json', 'run_folder',
-           'config_hash', 'file_sha256', 'versions', 'cache_dir', 'progress_enabled', 'progress']
+           'file_lock', 'config_hash', 'file_sha256', 'versions', 'cache_dir', 'progress_enabled', 'progress']
 
 # %% ../nbs/00_core.ipynb #eb75b8bd
 class ModelFusionError(Exception):
@@ -353,6 +353,21 @@ def run_folder(out: str|Path, # the run folder to (re)create
         _finish_run(tmp, out, parent)
     finally:
         if tmp.exists(): shutil.rmtree(tmp, ignore_errors=True)
+
+# %% ../nbs/00_core.ipynb #eee26744
+@contextlib.contextmanager
+def file_lock(path: str|Path, # the lock file (created if missing, left in place)
+             ):
+    "Hold an exclusive advisory lock on `path` for the `with` block; other processes wait (no-op without fcntl)."
+    try: import fcntl
+    except ImportError:
+        yield
+        return
+    ensure_dir(Path(path).parent)
+    with open(path, 'a') as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try: yield
+        finally: fcntl.flock(f, fcntl.LOCK_UN)
 
 # %% ../nbs/00_core.ipynb #1494af06
 def config_hash(obj: Any, # any JSON-serialisable configuration

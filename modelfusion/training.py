@@ -4,7 +4,7 @@
 
 # %% ../nbs/03_training.ipynb #880449fa
 from __future__ import annotations
-import math, time, json, warnings
+import math, time, json, warnings, contextlib
 from pathlib import Path
 from dataclasses import dataclass, asdict, field
 import torch
@@ -280,11 +280,13 @@ def train(model_cfg: dict, # model config (see `model_config`)
     elif isinstance(cache, (str, Path)): cache = ModelCache(cache)
     key = cache.key(model_cfg, data, cfg, seed, init) if cache else None
     if cache and (hit := cache.get(key)) is not None: return hit
-    sd, metrics = fit(model_cfg, data, cfg, seed, device, verbose, init=init)
-    meta = {'model': model_cfg, 'data': {'name': data.name, 'fingerprint': data.fingerprint, 'source': data.source},
-            'train': asdict(cfg), 'seed': seed, 'metrics': metrics, 'key': key,
-            **({'init_sha256': tensors_sha256(init)} if init is not None else {})}
-    path = cache.put(key, sd, meta) if cache else None
+    with file_lock(cache.path(key).with_suffix('.lock')) if cache else contextlib.nullcontext():
+        if cache and (hit := cache.get(key)) is not None: return hit  # another process trained it while we waited
+        sd, metrics = fit(model_cfg, data, cfg, seed, device, verbose, init=init)
+        meta = {'model': model_cfg, 'data': {'name': data.name, 'fingerprint': data.fingerprint, 'source': data.source},
+                'train': asdict(cfg), 'seed': seed, 'metrics': metrics, 'key': key,
+                **({'init_sha256': tensors_sha256(init)} if init is not None else {})}
+        path = cache.put(key, sd, meta) if cache else None
     return Trained(sd, meta, False, path)
 
 # %% ../nbs/03_training.ipynb #0496cefe

@@ -91,3 +91,34 @@ def test_batchnorm_vgg_and_resnet_train_a_step():
     for name, kw in [('vgg11', {'width': 0.25}), ('resnet20', {'width': 1, 'norm': 'ln'}), ('vgg16', {'width': 0.125, 'norm': None})]:
         sd, m = fit(model_config(name, d, **kw), d, TrainConfig(epochs=1, batch_size=32, optimizer='sgd', lr=0.01), seed=0, verbose=False)
         assert all(torch.isfinite(v).all() for v in sd.values() if v.is_floating_point())
+
+
+RACE = '''import sys, time
+from pathlib import Path
+from modelfusion.data import load_dataset
+from modelfusion.training import train, model_config, TrainConfig
+data = load_dataset('digits')
+Path(sys.argv[2]).touch()  # ready: imports done
+while not Path(sys.argv[3]).exists(): time.sleep(0.01)  # both start training at the same moment
+t = train(model_config('mlp', data, widths=[64, 64]), data, TrainConfig(epochs=3, batch_size=64), seed=0,
+          cache=sys.argv[1], verbose=False)
+print('from_cache' if t.from_cache else 'trained', t.meta['key'], flush=True)
+'''
+
+
+def test_two_processes_asking_for_one_model_train_it_once(tmp_path):
+    "Sweep workers share the model cache: two processes asking for the same model at once train it once."
+    script = tmp_path/'race.py'
+    script.write_text(RACE)
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'MODELFUSION_PROGRESS': '0'}
+    ready, go = [tmp_path/f'ready{i}' for i in range(2)], tmp_path/'go'
+    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path/'cache'), str(r), str(go)],
+                              stdout=subprocess.PIPE, text=True, env=env) for r in ready]
+    t0 = time.time()
+    while not all(r.exists() for r in ready) and time.time() - t0 < 240: time.sleep(0.05)
+    go.touch()
+    outs = [p.communicate(timeout=300)[0].split() for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert sorted(o[0] for o in outs) == ['from_cache', 'trained'], outs
+    assert outs[0][1] == outs[1][1]
+    assert len(list((tmp_path/'cache').rglob('*.safetensors'))) == 1
