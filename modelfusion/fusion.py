@@ -406,6 +406,8 @@ def _align_average(matcher: str, pool: Pool, spec: Spec, record: dict, ref: int=
 
 # %% ../nbs/05_fusion.ipynb #8e077ba5
 _ALIGN_DOCS = {'ref': 'index of the reference model: every other model is aligned onto it',
+               'ref_universe': "index of the model whose task's training samples feed the statistics and the fix "
+                               "(all models are aligned at once, into a common space)",
                'n_samples': "training samples of the reference model's task for data-driven matchers and the fix"}
 
 def _align_signature(fn: Callable) -> inspect.Signature:
@@ -431,7 +433,9 @@ def align_method(matcher: str, # a name in MATCHERS
     method.__module__, method.__hint_ns__ = fn.__module__, vars(sys.modules[fn.__module__])
     fixes = lambda: ', '.join(f"'{n}' ({FIXES[n].summary.split(':')[0]})" for n in FIXES)
     fix_doc = lambda: f"applied to the merged model: 'none', or {fixes()}"
-    method.__param_docs__ = lambda: {**_docments(fn), **_ALIGN_DOCS, 'fix': fix_doc()}
+    ref_doc = lambda: _ALIGN_DOCS['ref_universe' if matcher in MATCHERS.universe else 'ref']
+    method.__param_docs__ = lambda: {**_docments(fn), 'n_samples': _ALIGN_DOCS['n_samples'], 'ref': ref_doc(),
+                                     'fix': fix_doc()}
     method.__param_types__ = lambda: {'fix': Literal[('none', *FIXES)]}
     return method
 

@@ -15,7 +15,7 @@ from ..training import tensors_sha256
 from .activation import _reader, _group_features
 
 # %% auto #0
-__all__ = ['CACHE_SIZE', 'Moments', 'feature_moments']
+__all__ = ['CACHE_SIZE', 'Moments', 'feature_moments', 'need_data', 'check_models', 'fold_bn', 'bn_groups', 'bn_report']
 
 # %% ../../nbs/methods/features.ipynb #c3a93e93
 @dataclass
@@ -105,3 +105,92 @@ def feature_moments(template: nn.Module, # the architecture (its own weights are
         _CACHE[key] = out
         while len(_CACHE) > CACHE_SIZE: _CACHE.popitem(last=False)
     return out
+
+# %% ../../nbs/methods/features.ipynb #094215b6
+def need_data(what: str, # the matcher's name, for the message
+              template, # the architecture (None: missing)
+              x, # the inputs (None: missing)
+             ) -> None:
+    "Raise a one-line error unless the data-based matcher `what` got a template and inputs."
+    if template is None or x is None:
+        raise ValueError(f"{what} needs data: pass template=<a module of the architecture> and x=<input batch> "
+                         "(through merge(): data=<a Data, one per model, or (x, y) tensors>)")
+
+def check_models(what: str, # the matcher's name, for the message
+                 sds, # the models (modules or state dicts)
+                 spec: Spec, # the spec that must describe them
+                ) -> list[StateDict]:
+    "N ≥ 2 state dicts of one architecture that `spec` describes."
+    names = [f'model {i}' for i in range(len(sds))]
+    sds = as_sds(sds, names)
+    if len(sds) < 2: raise ValueError(f"{what} merges at least 2 models, got {len(sds)}")
+    check_compatible(sds, names)
+    spec.check(sds[0], 'model 0')
+    return sds
+
+# %% ../../nbs/methods/features.ipynb #88099ffc
+import warnings
+import torch.fx as fx
+_BN = nn.modules.batchnorm._BatchNorm
+_FOLD_INTO = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+def _bn_pairs(model: nn.Module) -> tuple[list[tuple[str, str]], list[str]]:
+    "(layer, BatchNorm) names where the BatchNorm reads only that layer's output; and the BatchNorms that cannot fold."
+    try: gm = fx.symbolic_trace(model)
+    except Exception as e:
+        raise SpecError(f"fold_bn needs to trace {type(model).__name__} with torch.fx, which failed: {e}") from None
+    mods, calls = dict(model.named_modules()), {}
+    for n in gm.graph.nodes:
+        if n.op == 'call_module': calls[n.target] = calls.get(n.target, 0) + 1
+    pairs, left = [], [k for k, m in mods.items() if isinstance(m, _BN)]
+    for n in gm.graph.nodes:
+        if n.op != 'call_module' or not isinstance(mods[n.target], _BN) or calls[n.target] > 1: continue
+        src = n.args[0]
+        ok = isinstance(src, fx.Node) and src.op == 'call_module' and isinstance(mods[src.target], _FOLD_INTO)
+        if ok and len(src.users) == 1 and calls[src.target] == 1 and mods[n.target].track_running_stats:
+            pairs.append((src.target, n.target))
+            left.remove(n.target)
+    return pairs, left
+
+# %% ../../nbs/methods/features.ipynb #1750f102
+@torch.no_grad()
+def _fold_pair(layer: nn.Module, bn: _BN) -> None:
+    "Fold the (eval-mode) BatchNorm `bn` into `layer`'s weight and bias, in place."
+    s = bn.running_var.double().add(bn.eps).rsqrt()
+    if bn.affine: s = s * bn.weight.double()
+    w = layer.weight.double()
+    b = layer.bias.double() if layer.bias is not None else torch.zeros_like(s)
+    shift = bn.bias.double() if bn.affine else 0
+    layer.weight = nn.Parameter((w * s.view(-1, *[1] * (w.ndim - 1))).to(layer.weight.dtype))
+    layer.bias = nn.Parameter(((b - bn.running_mean.double()) * s + shift).to(layer.weight.dtype))
+
+# %% ../../nbs/methods/features.ipynb #a0215ca8
+def fold_bn(model: nn.Module, # a model with BatchNorm layers (its running statistics are used)
+           ) -> nn.Module:
+    "The same function without BatchNorm (eval mode): each BatchNorm right after a conv/linear layer is folded into it."
+    if not isinstance(model, nn.Module): raise NotAModel(f"fold_bn needs an nn.Module, got a {type(model).__name__}")
+    model = copy.deepcopy(model).eval()
+    pairs, left = _bn_pairs(model)
+    for layer, bn in pairs:
+        _fold_pair(model.get_submodule(layer), model.get_submodule(bn))
+        parent, _, child = bn.rpartition('.')
+        setattr(model.get_submodule(parent), child, nn.Identity())
+    if left:
+        warnings.warn(f"fold_bn left {len(left)} BatchNorm layer(s) that do not directly follow a conv or linear layer "
+                      f"(or use batch statistics): {', '.join(left)}", SpecWarning, stacklevel=2)
+    return model
+
+# %% ../../nbs/methods/features.ipynb #106bedf3
+def bn_groups(spec: Spec, # a spec
+             ) -> list[str]:
+    "The groups whose 'out' axes include a BatchNorm's running variance (a general map makes its statistics stale)."
+    return [g.name for g in spec.groups.values() if any(a.param.endswith('running_var') for a in g.axes)]
+
+def bn_report(spec: Spec, # the spec the alignments are for
+              alignments: list[Alignment], # a matcher's alignments, one per model
+             ) -> dict:
+    "For a matcher's info: the groups where a non-permutation map met a BatchNorm, and what to do ({} if none)."
+    hit = [g for g in bn_groups(spec) if any(g in al and not al[g].is_perm for al in alignments)]
+    if not hit: return {}
+    return {'batchnorm': {'groups': hit, 'note': "general maps make these BatchNorm statistics stale: merge with "
+                          "fix='reset_bn' or 'repair', or fold the BatchNorms first (fold_bn)"}}
