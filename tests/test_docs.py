@@ -122,6 +122,18 @@ def test_text_in_the_title_cell_fails(project):
     _fails(project, 'nbs/01_title.ipynb', 'title cell')
 
 
+def test_include_is_expanded_and_a_missing_one_fails(project):
+    "Quarto's {{< include >}} (the README's headline table) is expanded on the page; a missing file fails the build."
+    (project/'results').mkdir()
+    (project/'results'/'t.md').write_text('| a | b |\n| --- | --- |\n| included-cell | 2 |\n')
+    (project/'nbs'/'01_inc.ipynb').write_text(_nb(('markdown', '# inc'), ('markdown', '{{< include ../results/t.md >}}')))
+    bd.build(jobs=1, budget=0, out=project/'_docs')
+    assert '<td>included-cell</td>' in (project/'_docs'/'inc.html').read_text()
+    (project/'nbs'/'01_inc.ipynb').write_text(_nb(('markdown', '# inc'), ('markdown', '{{< include ../results/no.md >}}')))
+    (project/'_docs'/'index.html').write_text('the previous site')
+    _fails(project, 'nbs', 'include ../results/no.md', 'results/no.md')
+
+
 # ------------------------------------------------------------------ README.md and nbs/index.ipynb: one source
 
 def test_readme_is_generated_from_index():

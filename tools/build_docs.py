@@ -13,7 +13,8 @@ How the site is made (a user with Quarto gets the same pages from `nbdev_docs`):
    title cell, `show_doc` API entries after every exported function and class, `#| hide`/`#| export` honoured, links
    to symbols), with one change: where nbdev runs only the cells `show_doc` needs, this runs *every* cell that
    `nbdev_test` runs (not in a folder holding `.notest`, not flagged with settings.ini's `tst_flags`, not
-   `#| eval: false`), so the examples have their outputs and the plots are drawn. Notebooks run in a copy of `nbs/`,
+   `#| eval: false`), so the examples have their outputs and the plots are drawn. Quarto's `{{< include PATH >}}`
+   in markdown cells is expanded here and in the README (a missing file fails the build). Notebooks run in a copy of `nbs/`,
    in parallel (one torch thread per worker), with `$HOME`, `$MODELFUSION_CACHE` and `$TMPDIR` in the build folder and
    matplotlib's and IPython's folders in `.cache/docs/`: nothing outside the project is written.
    **Time budget** (`DOCS_BUDGET`, default 50 s; 0: none): the quickest notebooks run first (the last build's times);
@@ -93,6 +94,25 @@ def read_notebook(nb: Path) -> dict:
 
 
 def _source(cell: dict) -> str: return ''.join(cell['source']) if isinstance(cell['source'], list) else cell['source']
+
+
+INCLUDE = re.compile(r'\{\{<\s*include\s+(\S+?)\s*>\}\}')
+
+
+def includes(text: str, here: Path) -> list[Path]:
+    "The files that Quarto's `{{< include PATH >}}` shortcodes in `text` name (PATH relative to the folder `here`)."
+    return [(here/m.group(1).strip('"\'')).resolve() for m in INCLUDE.finditer(text)]
+
+
+def expand_includes(text: str, here: Path) -> str:
+    "Quarto's `{{< include PATH >}}` replaced by the file's text, as Quarto does (so README.md and every renderer get "
+    "the same page); a missing file fails the build, naming it."
+    def sub(m):
+        p = (here/m.group(1).strip('"\'')).resolve()
+        if not p.is_file():
+            raise DocsError(f'{here.relative_to(ROOT)}: {{{{< include {m.group(1)} >}}}}: no file {p.relative_to(ROOT)}')
+        return p.read_text(encoding='utf-8').strip()
+    return INCLUDE.sub(sub, text)
 
 
 def out_name(rel: PurePosixPath) -> PurePosixPath:
@@ -248,7 +268,9 @@ def _run_procs(src: Path, rel: str, mode: str, deadline: float):
     env = dict(os.environ)  # a notebook that changes the environment (or deletes $MODELFUSION_CACHE) affects only itself
     os.environ['IN_TEST'] = '1'
     nb = read_nb(src)
-    for i, c in enumerate(nb.cells): c.orig_idx_ = i
+    for i, c in enumerate(nb.cells):
+        c.orig_idx_ = i
+        if c.cell_type == 'markdown': c.source = expand_includes(c.source, (NBS/rel).parent)
     try: Procs()(nb)
     finally: os.environ.clear(); os.environ.update(env)
     return nb, skipped
@@ -266,7 +288,9 @@ def cache_key(nb: Path, mode: str, note: str = '') -> str:
     "A hash of what a processed notebook depends on: the notebook, the package's source, settings.ini, nbdev, ..."
     import nbdev
     h = hashlib.sha256()
-    for f in [nb, ROOT/'settings.ini', *sorted((ROOT/'modelfusion').rglob('*.py')),
+    inc = [p for c in read_notebook(nb)['cells'] if c['cell_type'] == 'markdown'
+           for p in includes(_source(c), nb.parent) if p.is_file()]
+    for f in [nb, *inc, ROOT/'settings.ini', *sorted((ROOT/'modelfusion').rglob('*.py')),
               *sorted((ROOT/'modelfusion'/'config').rglob('*.yaml'))]:
         h.update(f.name.encode() + b'\0' + f.read_bytes() + b'\0')
     data = os.environ.get('MODELFUSION_DATA', '')
@@ -559,7 +583,7 @@ def readme_text() -> str:
     parts = []
     for c in read_notebook(NBS/'index.ipynb')['cells']:
         s = _source(c)
-        if c['cell_type'] == 'markdown': parts.append(s.strip())
+        if c['cell_type'] == 'markdown': parts.append(expand_includes(s, NBS).strip())
         elif c['cell_type'] == 'code':
             dirs = [l for l in s.splitlines() if re.match(r'\s*#\|', l)]
             if any(re.match(r'\s*#\|\s*(hide|export|exporti|default_exp)\b|\s*#\|\s*(include|echo)\s*:\s*false', l)
