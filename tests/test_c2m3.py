@@ -112,7 +112,7 @@ def test_fuse_runs_c2m3_and_mergemany_and_the_n_model_pool_is_shipped(tmp_path):
         assert rep['method']['name'] == method if isinstance(rep['method'], dict) else rep['method'] == method
 
 
-RESULTS = ROOT/'results'/'cpu'/'c2m3_many_models'/'mnist'/'metrics.json'
+RESULTS = ROOT/'results'/'cpu'/'c2m3_many_models'/'metrics.json'
 
 @pytest.mark.skipif(not RESULTS.exists(), reason='the recorded MNIST run is not there')
 def test_recorded_mnist_run_meets_the_acceptance():

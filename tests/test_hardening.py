@@ -122,8 +122,13 @@ def test_align_without_data_leaves_no_folder(tmp_path):
 
 def test_an_interrupted_demo_prints_one_line_and_writes_nothing(tmp_path):
     env = {**os.environ, 'MODELFUSION_CACHE': str(tmp_path/'cache'), 'PYTHONUNBUFFERED': '1'}
+    # A child inherits an ignored SIGINT (POSIX; nohup relies on it), and Python then installs no KeyboardInterrupt
+    # handler. In the full suite, SIGINT was found ignored in the pytest process by the time this test ran (something
+    # earlier leaves it so; ipykernel's kernel app does that), and the demo then never stopped. The child gets the
+    # default disposition, as a shell gives a program it starts in the foreground.
     p = subprocess.Popen([str(BIN/'modelfusion'), 'demo', '--dataset', 'digits', '--epochs', '2000', '--widths', '64',
-                          '--out', str(tmp_path/'run')], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+                          '--out', str(tmp_path/'run')], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                         cwd=ROOT, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         line = p.stdout.readline()  # "data: ..." is printed right before training starts
         assert line.startswith('data:'), line
