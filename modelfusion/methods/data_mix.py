@@ -51,7 +51,7 @@ def mixed_data(tasks: list[Data], # each model's task
         if selector == 'full': x, y, info = t.x_train[:per_task], t.y_train[:per_task], {}
         else:
             model = template_with(template, sd) if template is not None else None
-            s = select(t, selector, model=model, ipc=ipc, **(selector_kw or {}))
+            s = select(t, selector, model=model, ipc=ipc, **_task_classes(t, selector, selector_kw))
             x, y, info = s.x, s.y, {k: v for k, v in s.info.items() if k in ('from_cache', 'key', 'time_s')}
         xs.append(x.to(t.x_train.device))
         ys.append(y.to(t.y_train.device))
@@ -69,6 +69,13 @@ def template_with(template: nn.Module, sd: StateDict) -> nn.Module:
     m = copy.deepcopy(template)
     m.load_state_dict(sd)
     return m.eval()
+
+# %% ../../nbs/methods/data_mix.ipynb #aafe594f
+def _task_classes(t: Data, selector: str, kw: dict|None) -> dict:
+    "The selector's parameters; a task's classes are the labels it has (a class split holds only some of them)."
+    kw = dict(kw or {})
+    if 'classes' in SELECTORS[selector].params() and 'classes' not in kw: kw['classes'] = t.y_train.unique().tolist()
+    return kw
 
 # %% ../../nbs/methods/data_mix.ipynb #037478cc
 def _mix_merge(matcher: str, pool: Pool, spec: Spec, record: dict, selector: str, ipc: int, selector_kw, per_task,
