@@ -14,8 +14,8 @@ from .data import Data
 from .training import loss_acc
 
 # %% auto #0
-__all__ = ['Bound', 'evaluate', 'lambdas', 'interpolation_curve', 'barrier', 'ensemble_eval', 'plot_interpolation',
-           'lambda_slider']
+__all__ = ['Bound', 'evaluate', 'lambdas', 'interpolation_curve', 'barrier', 'prediction_ensemble', 'ensemble_eval',
+           'plot_interpolation', 'lambda_slider']
 
 # %% ../nbs/07_evaluation.ipynb #af5acdee
 class Bound(nn.Module):
@@ -81,20 +81,26 @@ def barrier(curve: pd.DataFrame, # an interpolation curve
 
 # %% ../nbs/07_evaluation.ipynb #42cc80d5
 @torch.no_grad()
+def prediction_ensemble(models: list[nn.Module], # the members (any architectures)
+                        x: Tensor, y: Tensor, # evaluation data
+                        batch_size: int=4096, # samples per forward pass
+                       ) -> dict[str, float]:
+    "Loss and accuracy of the average of the members' softmax probabilities."
+    if not models: raise ValueError("an ensemble needs at least one model")
+    ms = [m.eval() for m in models]
+    loss, correct = 0.0, 0
+    for i in range(0, len(x), batch_size):
+        p = torch.stack([F.softmax(m(x[i:i+batch_size]).float(), 1) for m in ms]).mean(0)
+        loss += F.nll_loss(p.clamp_min(1e-12).log(), y[i:i+batch_size], reduction='sum').item()
+        correct += (p.argmax(1) == y[i:i+batch_size]).sum().item()
+    return {'loss': loss / len(x), 'acc': correct / len(x)}
+
 def ensemble_eval(template: nn.Module, # module template
                   sds: list[StateDict], # the members
                   x: Tensor, y: Tensor, # evaluation data
                   batch_size: int=4096) -> dict[str, float]:
-    "Loss and accuracy of the average of the members' softmax probabilities."
-    sds = as_sds(sds)
-    if not sds: raise ValueError("an ensemble needs at least one model")
-    bound = [Bound(template, sd).eval() for sd in sds]
-    loss, correct = 0.0, 0
-    for i in range(0, len(x), batch_size):
-        p = torch.stack([F.softmax(m(x[i:i+batch_size]).float(), 1) for m in bound]).mean(0)
-        loss += F.nll_loss(p.clamp_min(1e-12).log(), y[i:i+batch_size], reduction='sum').item()
-        correct += (p.argmax(1) == y[i:i+batch_size]).sum().item()
-    return {'loss': loss / len(x), 'acc': correct / len(x)}
+    "Loss and accuracy of the average of the members' softmax probabilities (state dicts of one architecture)."
+    return prediction_ensemble([Bound(template, sd) for sd in as_sds(sds)], x, y, batch_size)
 
 # %% ../nbs/07_evaluation.ipynb #15968304
 def plot_interpolation(curves: dict[str, pd.DataFrame], # label -> interpolation curve

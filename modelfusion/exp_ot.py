@@ -9,19 +9,18 @@ from dataclasses import asdict
 from pathlib import Path
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch import nn, Tensor
 from .core import *
 from .data import Data
 from .models import MODELS, build_model
 from .training import TrainConfig, model_config, train
 from .fusion import merge
-from .evaluation import evaluate
+from .evaluation import evaluate, prediction_ensemble
 from .experiments import param, _load_noting, _data_info
 from .methods.ot_fusion import ot_fuse
 
 # %% auto #0
-__all__ = ['REFERENCE_MNIST_TRAIN', 'PAPER', 'PAPER_SOURCES', 'prediction_ensemble', 'run_ot_fusion', 'format_ot_table']
+__all__ = ['REFERENCE_MNIST_TRAIN', 'PAPER', 'PAPER_SOURCES', 'run_ot_fusion', 'format_ot_table']
 
 # %% ../nbs/08b_exp_ot.ipynb #23dbc5e4
 REFERENCE_MNIST_TRAIN = dict(epochs=10, batch_size=64, optimizer='sgd', lr=0.01, momentum=0.5, schedule='constant')
@@ -31,21 +30,6 @@ PAPER = {('vgg11', 'cifar10', 'OT fusion (wts)'): 85.98,
          ('vgg11', 'cifar10', 'OT fusion (wts, not normalized)'): 86.51}
 PAPER_SOURCES = {('vgg11', 'cifar10', 'OT fusion (wts)'): _README + ' (with --normalize-wts)',
                  ('vgg11', 'cifar10', 'OT fusion (wts, not normalized)'): _README + ' without --normalize-wts'}
-
-# %% ../nbs/08b_exp_ot.ipynb #430946c3
-@torch.no_grad()
-def prediction_ensemble(models: list[nn.Module], # the members (any architectures)
-                        x: Tensor, y: Tensor, # evaluation data
-                        batch_size: int=4096, # samples per forward pass
-                       ) -> dict[str, float]:
-    "Loss and accuracy of the mean of the members' softmax probabilities."
-    ms = [m.eval() for m in models]
-    loss, correct = 0.0, 0
-    for i in range(0, len(x), batch_size):
-        p = torch.stack([F.softmax(m(x[i:i + batch_size]).float(), 1) for m in ms]).mean(0)
-        loss += F.nll_loss(p.clamp_min(1e-12).log(), y[i:i + batch_size], reduction='sum').item()
-        correct += (p.argmax(1) == y[i:i + batch_size]).sum().item()
-    return {'loss': loss / len(x), 'acc': correct / len(x)}
 
 # %% ../nbs/08b_exp_ot.ipynb #548a906a
 def _model_cfg(model: str, data: Data, kw: dict) -> dict:
@@ -75,6 +59,11 @@ def _eval(m: nn.Module, sd: StateDict|None, x: Tensor, y: Tensor) -> dict:
     return evaluate(m, sd if sd is not None else m.state_dict(), x, y)
 
 # %% ../nbs/08b_exp_ot.ipynb #568cc4ae
+def _test_data(data: Data, n: int|None) -> tuple[Tensor, Tensor]:
+    "The test split, its first n samples (None: all)."
+    x, y = data.split('test')
+    return (x[:n], y[:n]) if n else (x, y)
+
 def _ot_rows(A: nn.Module, B: nn.Module, data: Data, x: Tensor, y: Tensor, p: dict, key: tuple, say) -> list[dict]:
     "OT Fusion through `merge()`: one row per mode, then one per variant (label -> ot_fusion parameters)."
     runs = [(mode, {'mode': mode}) for mode in p['modes']] + list(p['variants'].items())
@@ -89,8 +78,7 @@ def _ot_rows(A: nn.Module, B: nn.Module, data: Data, x: Tensor, y: Tensor, p: di
 
 def _equal_widths(A: nn.Module, B: nn.Module, data: Data, p: dict, key: tuple, say) -> list[dict]:
     "The equal-widths table: parents, ensemble, naive average, OT Fusion per mode and variant."
-    x, y = data.split('test')
-    x, y = (x[:p['eval_samples']], y[:p['eval_samples']]) if p['eval_samples'] else (x, y)
+    x, y = _test_data(data, p['eval_samples'])
     s = p['seeds']
     rows = [_row(f'model A (seed {s[0]})', _eval(A, None, x, y), key),
             _row(f'model B (seed {s[1]})', _eval(B, None, x, y), key),
@@ -101,8 +89,7 @@ def _equal_widths(A: nn.Module, B: nn.Module, data: Data, p: dict, key: tuple, s
 # %% ../nbs/08b_exp_ot.ipynb #db85071d
 def _different_widths(A: nn.Module, W: nn.Module, data: Data, p: dict, key: tuple, say) -> list[dict]:
     "The different-widths table: target, wide model, ensemble, OT Fusion per mode and unmerge rule."
-    x, y = data.split('test')
-    x, y = (x[:p['eval_samples']], y[:p['eval_samples']]) if p['eval_samples'] else (x, y)
+    x, y = _test_data(data, p['eval_samples'])
     s = p['seeds']
     rows = [_row(f'target: model A (seed {s[0]})', _eval(A, None, x, y), key),
             _row(f"wide model (seed {s[1]}, {', '.join(f'{k}={v}' for k, v in p['wide_kw'].items())})",

@@ -288,7 +288,7 @@ def cache_key(nb: Path, mode: str, note: str = '') -> str:
     "A hash of what a processed notebook depends on: the notebook, the package's source, settings.ini, nbdev, ..."
     import nbdev
     h = hashlib.sha256()
-    inc = [p for c in read_notebook(nb)['cells'] if c['cell_type'] == 'markdown'
+    inc = [p for c in json.loads(nb.read_text(encoding='utf-8'))['cells'] if c['cell_type'] == 'markdown'
            for p in includes(_source(c), nb.parent) if p.is_file()]
     for f in [nb, *inc, ROOT/'settings.ini', *sorted((ROOT/'modelfusion').rglob('*.py')),
               *sorted((ROOT/'modelfusion'/'config').rglob('*.yaml'))]:
